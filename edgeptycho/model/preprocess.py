@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ..physics.forward import bin_frames, crop_center
+
 
 @dataclass(frozen=True)
 class PreprocessSpec:
@@ -53,21 +55,9 @@ class PreprocessSpec:
 
 
 def _crop_bin(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    h, w = frames.shape[-2:]
     if spec.crop:
-        if spec.crop > min(h, w):
-            raise ValueError(f"crop {spec.crop} larger than frame {h}x{w}")
-        r0, c0 = (h - spec.crop) // 2, (w - spec.crop) // 2
-        frames = frames[..., r0:r0 + spec.crop, c0:c0 + spec.crop]
-        h = w = spec.crop
-    b = spec.bin
-    if b == 1:
-        return frames.astype(np.float32, copy=False)
-    if h % b or w % b:
-        raise ValueError(f"frame {h}x{w} is not a multiple of bin {b}")
-    lead = frames.shape[:-2]
-    binned = frames.reshape(*lead, h // b, b, w // b, b).sum(axis=(-3, -1), dtype=np.float32)
-    return binned
+        frames = crop_center(frames, spec.crop)
+    return bin_frames(frames, spec.bin, dtype=np.float32)
 
 
 def preprocess_into(
@@ -88,7 +78,8 @@ def preprocess_into(
     if mask is not None:
         frames = np.where(mask, 0, frames)
     x = _crop_bin(frames, spec)
-    if x is frames or not x.flags.writeable or x.dtype != np.float32:
+    # log1p/normalise run in place: never on the caller's frames (a crop or bin-1 result may be a view).
+    if np.may_share_memory(x, frames) or not x.flags.writeable or x.dtype != np.float32:
         x = x.astype(np.float32)
     n = x.shape[0]
     target = out.reshape(out.shape[0], x.shape[-2], x.shape[-1])[:n]

@@ -21,21 +21,29 @@ def back_propagate(field: np.ndarray) -> np.ndarray:
     return sfft.ifft2(sfft.ifftshift(field, axes=(-2, -1)), norm="ortho", workers=_WORKERS)
 
 
+def shift_ramp(shape: tuple[int, int], shift: np.ndarray | tuple[float, float], dtype=np.complex128) -> np.ndarray:
+    """Translation-theorem phase ramp (H, W), or (n, H, W) for shifts (n, 2), in unshifted FFT order.
+
+    Built separably, exp(−2πi·fy·dy) ⊗ exp(−2πi·fx·dx): H + W complex exponentials per shift instead of H·W.
+    Multiplying a spectrum (fft2 of x) by it and inverting shifts x by (drow, dcol).
+    """
+    h, w = shape
+    fy = sfft.fftfreq(h)
+    fx = sfft.fftfreq(w)
+    s = np.asarray(shift, dtype=np.float64)
+    ry = np.exp(-2j * np.pi * fy * s[..., 0, None]).astype(dtype)
+    rx = np.exp(-2j * np.pi * fx * s[..., 1, None]).astype(dtype)
+    return ry[..., :, None] * rx[..., None, :]
+
+
 def fourier_shift(x: np.ndarray, shift: np.ndarray | tuple[float, float]) -> np.ndarray:
     """Shift the last two axes of `x` by (drow, dcol) pixels (sub-pixel, periodic), by the translation theorem.
 
     `shift` may be (2,) for all of `x` or (n, 2) for a stack (n, H, W).
     """
-    h, w = x.shape[-2:]
-    fy = sfft.fftfreq(h)[:, None]
-    fx = sfft.fftfreq(w)[None, :]
-    s = np.asarray(shift, dtype=np.float64)
-    if s.ndim == 1:
-        ramp = np.exp(-2j * np.pi * (fy * s[0] + fx * s[1]))
-    else:
-        ramp = np.exp(-2j * np.pi * (fy[None] * s[:, 0, None, None] + fx[None] * s[:, 1, None, None]))
     ctype = np.complex64 if x.dtype in (np.float32, np.complex64) else np.complex128
-    out = sfft.ifft2(sfft.fft2(x.astype(ctype, copy=False), workers=_WORKERS) * ramp.astype(ctype), workers=_WORKERS)
+    ramp = shift_ramp(x.shape[-2:], shift, ctype)
+    out = sfft.ifft2(sfft.fft2(x.astype(ctype, copy=False), workers=_WORKERS) * ramp, workers=_WORKERS)
     return out if np.iscomplexobj(x) else out.real
 
 
