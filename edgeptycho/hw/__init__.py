@@ -4,5 +4,9 @@ Vendor SDKs are imported lazily inside the one file that wraps each, so this pac
 """
 
 from .base import Allocator, Backend, BackendUnavailable, HostAllocator, TensorSpec, Ticket
+from .registry import BACKENDS, list_backends, load_profile, open_backend, open_with_fallback
 
-__all__ = ["Allocator", "Backend", "BackendUnavailable", "HostAllocator", "TensorSpec", "Ticket"]
+__all__ = [
+    "BACKENDS", "Allocator", "Backend", "BackendUnavailable", "HostAllocator", "TensorSpec", "Ticket",
+    "list_backends", "load_profile", "open_backend", "open_with_fallback",
+]

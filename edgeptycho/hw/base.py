@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import abc
 import mmap
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
+
+
+def cache_dir(*parts: str) -> Path:
+    """Where backends keep derived artifacts (TensorRT engines, QDQ models): $EDGEPTYCHO_CACHE or ~/.cache/edgeptycho."""
+    root = Path(os.environ.get("EDGEPTYCHO_CACHE") or Path.home() / ".cache" / "edgeptycho")
+    path = root.joinpath(*parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 class BackendUnavailable(RuntimeError):
@@ -49,7 +59,7 @@ class Allocator(abc.ABC):
         """The address the device uses for `array` (None when the device takes host arrays)."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, deliberately a no-op
         """Release every buffer this allocator handed out."""
 
 
@@ -85,11 +95,49 @@ class Ticket:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class InFlight:
+    """Batches in flight on a fixed ring of slots (double buffering): reusing a slot first finishes its batch.
+
+    `finish(ticket)` blocks until the device is done with the ticket and its outputs are in place.
+    """
+
+    def __init__(self, slots: int, finish: Callable[[Ticket], None]):
+        self.pending: list[Ticket | None] = [None] * slots
+        self._finish = finish
+        self.count = 0
+
+    def next_slot(self) -> int:
+        slot = self.count % len(self.pending)
+        if self.pending[slot] is not None:
+            self.complete(self.pending[slot])  # its buffers are about to be reused
+        return slot
+
+    def issue(self, slot: int, n: int, outputs: dict[str, np.ndarray], handle: Any = None, **extra: Any) -> Ticket:
+        ticket = Ticket(self.count, n, outputs, handle, {"slot": slot, "done": False, **extra})
+        self.pending[slot] = ticket
+        self.count += 1
+        return ticket
+
+    def complete(self, ticket: Ticket) -> dict[str, np.ndarray]:
+        if not ticket.extra["done"]:
+            self._finish(ticket)
+            ticket.extra["done"] = True
+            if self.pending[ticket.extra["slot"]] is ticket:
+                self.pending[ticket.extra["slot"]] = None
+        return ticket.outputs
+
+    def drain(self) -> None:
+        for ticket in self.pending:
+            if ticket is not None:
+                self.complete(ticket)
+
+
 class Backend(abc.ABC):
     """One device family running the CNN. Open through `edgeptycho.hw.open_backend(name, model, batch)`."""
 
     name: ClassVar[str] = "abstract"
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    profile: ClassVar[str | None] = None  # hw/profiles/<profile>.yaml describing the target device
 
     def __init__(self, model_path: str | Path, batch_size: int, precision: str = "fp32", **options: Any):
         if batch_size < 1:
@@ -122,17 +170,44 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def submit(self, inputs: np.ndarray, outputs: dict[str, np.ndarray], n: int | None = None) -> Ticket:
-        """Start inference on the first `n` frames (default: all) of `inputs` into preallocated `outputs`."""
+        """Start inference on the first `n` frames (default: all) of `inputs` into preallocated `outputs`.
+
+        `inputs` has input_spec's dtype (zero-copy path); a backend whose input is int8 also takes float32
+        and quantises it with the spec's scale.
+        """
 
     @abc.abstractmethod
     def wait(self, ticket: Ticket) -> dict[str, np.ndarray]:
         """Block until `ticket` is done; returns its outputs (the arrays given to submit)."""
 
+    def check_batch(self, inputs: np.ndarray, outputs: dict[str, np.ndarray], n: int | None,
+                    input_dtypes: tuple[Any, ...] = (np.float32,)) -> int:
+        """Validate one submit() and return n: n frames (default all) of the input frame shape, C-contiguous, in
+        one of `input_dtypes`; writeable C-contiguous float32 outputs with room for n rows."""
+        spec = self.input_spec
+        n = len(inputs) if n is None else int(n)
+        if not 0 < n <= spec.shape[0]:
+            raise ValueError(f"{self.name}: n={n} outside 1..{spec.shape[0]}")
+        if inputs.dtype not in input_dtypes or not inputs.flags.c_contiguous:
+            names = "/".join(np.dtype(d).name for d in input_dtypes)
+            raise ValueError(f"{self.name}: inputs must be C-contiguous {names}, got {inputs.dtype}")
+        if len(inputs) < n or tuple(inputs.shape[1:]) != spec.shape[1:]:
+            raise ValueError(f"{self.name}: inputs {inputs.shape} do not hold {n} frames of {spec.shape[1:]}")
+        for s in self.output_spec:
+            arr = outputs.get(s.name)
+            if arr is None:
+                raise ValueError(f"{self.name}: outputs lack '{s.name}'")
+            if arr.dtype != np.float32 or not arr.flags.c_contiguous or not arr.flags.writeable:
+                raise ValueError(f"{self.name}: output '{s.name}' must be writeable C-contiguous float32")
+            if len(arr) < n or tuple(arr.shape[1:]) != s.shape[1:]:
+                raise ValueError(f"{self.name}: output '{s.name}' {arr.shape} does not hold {n} of {s.shape[1:]}")
+        return n
+
     def telemetry(self) -> dict[str, Any]:
         """Power (W), temperature (C), clocks where a sensor exists, else an explicit reason."""
         return {"power_w": None, "unavailable": f"{self.name}: no power sensor"}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, deliberately a no-op
         """Release device resources."""
 
     # --- conveniences ----------------------------------------------------------------------------
@@ -150,7 +225,9 @@ class Backend(abc.ABC):
         if tuple(x.shape[1:]) != tuple(spec.shape[1:]):
             raise ValueError(f"{self.name}: input shape {x.shape[1:]} does not match model {spec.shape[1:]}")
         results: dict[str, list[np.ndarray]] = {s.name: [] for s in self.output_spec}
-        batch = np.zeros(spec.shape, dtype=spec.dtype)
+        # An int8 (fix_point) input is quantised by submit() when handed float32: never cast floats to int8 here.
+        quantised_input = np.issubdtype(spec.dtype, np.integer) and np.issubdtype(x.dtype, np.floating)
+        batch = np.zeros(spec.shape, dtype=np.float32 if quantised_input else spec.dtype)
         outputs = self.new_outputs()
         for start in range(0, len(x), self.batch_size):
             chunk = x[start:start + self.batch_size]
