@@ -37,13 +37,15 @@ METHODS = ("epie", "rpie")
 
 @dataclass
 class EpieOptions:
-    """Solver settings. Defaults suit a batched rPIE from a flat object with a known probe."""
+    """Solver settings. Defaults suit a batched rPIE from a flat or seeded object with a known probe."""
 
     method: str = "rpie"                # "epie" | "rpie"
-    alpha: float = 0.1                  # object: ePIE step size, rPIE regularisation weight (0, 1]
+    alpha: float = 0.05                 # object: ePIE step size, rPIE regularisation weight (0, 1]
     beta: float = 0.5                   # probe: likewise
     batch_size: int = 32                # positions per update; 1 = classic sequential ePIE
-    probe_update_start: int | None = 10  # first iteration (0-based) that updates the probe; None = never
+    probe_update_start: int | None = None  # first iteration (0-based) that updates the probe; None = never
+    # (a known probe is best left fixed: updating it from the measured probe raised the phase NRMSE at 1e6
+    # photons, see docs/BENCHMARKS.md; refine() turns it on, from 0, for an estimated probe)
     position_update_start: int | None = None  # first iteration that refines positions; None = never
     position_step: float = 1.0          # gain on the least-squares position shift
     max_position_step: float = 0.5      # px per iteration, per position
@@ -52,6 +54,7 @@ class EpieOptions:
     subpixel: bool = True               # Fourier-shift the probe by fractional positions (else round them)
     scatter: str = "auto"               # "auto" | "loop" | "add_at"  (see ArrayBackend.scatter_add)
     seed: int = 0                       # random visiting order
+    cache_mb: float = 512.0             # memory for caching sub-pixel-shifted probes (0 = recompute always)
     backend: str = "numpy"              # "numpy" | "cupy" | "torch" | "auto"
     device: str | None = None
     workers: int = -1                   # scipy.fft threads on the CPU
@@ -76,6 +79,7 @@ class EpieResult:
     positions_px: np.ndarray      # (N, 2) final (refined) positions
     convergence: np.ndarray       # (iterations,) normalised Fourier misfit E
     seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))  # wall time per iteration
+    snapshots: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (iterations done, object)
 
 
 Callback = Callable[[int, float], None]
@@ -148,9 +152,11 @@ class _Solver:
             self.valid = b.asarray(np.fft.ifftshift((np.asarray(mask) == 0).astype(np.float32)))
             self.meas *= self.valid
         self.total = b.sumsq(self.meas)
+        # |Ψ| ≪ eps: the phase of Ψ is round-off, so the projection is damped there, the same on every backend
+        self.eps = 1e-4 * b.scalar(self.meas.max())
         if self.total <= 0:
             raise ValueError("the measured frames hold no counts")
-        self.obj = b.asarray(obj, b.c64)
+        self.obj = b.asarray(np.array(obj, np.complex64))  # a copy: the caller's seed is never modified
         self.probe = b.asarray(_as_modes(probe, n), b.c64)
         self.win = b.windows(self.obj, n)
         self.probe_power = b.sumsq(b.xp.abs(self.probe))
@@ -162,6 +168,11 @@ class _Solver:
         self.diff = b.empty((bs, n, n), b.f32)
         self.onum = b.empty((bs, n, n), b.c64)
         self.rng = np.random.default_rng(opts.seed)
+        # shifted probes of every position, reused while neither the probe nor the positions change;
+        # allocated on first use (integer positions or a probe updated every sweep never need it)
+        self.cache = None
+        self.cache_ok = len(pos) * k * n * n * 8 <= opts.cache_mb * 2**20
+        self.cached = np.zeros(len(pos), bool)
         self.iteration = 0
 
     # -- one batch -----------------------------------------------------------------------------------
@@ -172,7 +183,7 @@ class _Solver:
         op = self.win[b.index(starts[:, 0]), b.index(starts[:, 1])]       # (nb, n, n) gathered copy
         if frac is not None:
             ramps = b.shift_ramps(frac, n)                                  # (nb, n, n)
-            pj = b.ifft2c(b.fft2c(b.copy(self.probe))[None] * ramps[:, None])  # (nb, k, n, n)
+            pj = self._shifted_probes(idx, ramps, upd_probe)                # (nb, k, n, n)
         else:
             pj = self.probe[None]                                           # (1, k, n, n)
         psi = self.psi[:nb]
@@ -191,8 +202,8 @@ class _Solver:
             amp *= self.valid
         xp.subtract(meas, amp, out=diff)                                    # √I − |Ψ|
         err = b.sumsq(diff)
-        # Ψ' − Ψ = Ψ·(√I/|Ψ| − 1) = Ψ·diff/|Ψ|; masked pixels have diff = 0 and keep the model.
-        amp += 1e-12
+        # Ψ' − Ψ = Ψ·(√I/|Ψ| − 1) = Ψ·diff/(|Ψ| + eps); masked pixels have diff = 0 and keep the model.
+        amp += self.eps
         xp.divide(diff, amp, out=diff)
         big *= diff[:, None]
         delta = b.ifft2c(big)                                               # (nb, k, n, n) exit-wave corrections
@@ -224,15 +235,32 @@ class _Solver:
         den[...] = 0
         return err
 
+    def _shifted_probes(self, idx: np.ndarray, ramps, upd_probe: bool):
+        """Probe modes Fourier-shifted to each position's fraction; cached while probe and positions stay put."""
+        b = self.b
+        if self.cache is not None and self.cached[idx].all():
+            return self.cache[b.index(idx)]
+        pj = b.ifft2c(b.fft2c(b.copy(self.probe))[None] * ramps[:, None])
+        if self.cache_ok and not upd_probe:
+            if self.cache is None:
+                self.cache = b.empty((len(self.pos), *self.probe.shape), b.c64)
+            self.cache[b.index(idx)] = pj
+            self.cached[idx] = True
+        return pj
+
     def _apply(self, target, num, den, weight: float) -> None:
         """target += num / ((1−w)·den + w·max den) (rPIE) or w·num / max den (ePIE), in place."""
         dmax = self.b.scalar(den.max())
         if dmax <= 0:
             return
         if self.o.method == "epie":
-            target += num * (weight / dmax)
-        else:
-            target += num / (den * (1.0 - weight) + weight * dmax)
+            num *= weight / dmax
+        else:  # in place: num and den are scratch (zeroed or rebuilt after)
+            den *= 1.0 - weight
+            den += weight * dmax
+            self.b.xp.reciprocal(den, out=den)  # real reciprocal, then complex×real: no complex division
+            num *= den
+        target += num
 
     def _position_step(self, idx: np.ndarray, op, onum, pint) -> None:
         """Least-squares shift per position: δ = Re⟨P·∂O, Δψ⟩ / ‖P·∂O‖² along rows and columns, clipped."""
@@ -266,6 +294,8 @@ class _Solver:
         for b0 in range(0, len(order), bs):
             idx = order[b0:b0 + bs]
             err += self._step(idx, starts[idx], frac[idx] if moving else None, upd_probe, upd_pos)
+        if upd_probe or upd_pos:
+            self.cached[:] = False
         if upd_pos:
             self._keep_positions_inside()
         if upd_probe and o.orthogonalize_modes and self.probe.shape[0] > 1:
@@ -298,12 +328,13 @@ class _Solver:
 
 def solve(frames: np.ndarray, positions_px: np.ndarray, probe: np.ndarray, obj: np.ndarray, n_iters: int,
           options: EpieOptions | None = None, mask: np.ndarray | None = None,
-          callback: Callback | None = None, **overrides) -> EpieResult:
+          callback: Callback | None = None, snapshot_every: int = 0, **overrides) -> EpieResult:
     """Run `n_iters` ePIE/rPIE sweeps on arrays and return the object, probe, positions and convergence.
 
     frames (N, n, n) detector order (zero frequency at the centre); positions_px (N, 2) (row, col) window
     centres on the grid of `obj` (H, W); probe (n, n) or (K, n, n) at that pixel size; mask (n, n) nonzero =
-    invalid pixel. `overrides` replace fields of `options`. callback(iteration, misfit) after each sweep.
+    invalid pixel. `overrides` replace fields of `options`. callback(iteration, misfit) after each sweep;
+    snapshot_every > 0 keeps a copy of the object every that many iterations (for quality-vs-time curves).
     """
     opts = replace(options or EpieOptions(), **overrides)
     if n_iters < 0:
@@ -312,7 +343,7 @@ def solve(frames: np.ndarray, positions_px: np.ndarray, probe: np.ndarray, obj: 
     if len(positions_px) != len(frames):
         raise ValueError(f"{len(frames)} frames but {len(positions_px)} positions")
     s = _Solver(frames, positions_px, probe, obj, opts, mask)
-    conv, secs = [], []
+    conv, secs, snaps = [], [], []
     for it in range(n_iters):
         t0 = time.perf_counter()
         e = s.iterate()
@@ -321,4 +352,8 @@ def solve(frames: np.ndarray, positions_px: np.ndarray, probe: np.ndarray, obj: 
         conv.append(e)
         if callback is not None:
             callback(it, e)
-    return s.result(conv, secs)
+        if snapshot_every and (it + 1) % snapshot_every == 0:
+            snaps.append((it + 1, s.b.to_numpy(s.obj).copy()))
+    res = s.result(conv, secs)
+    res.snapshots = snaps
+    return res
