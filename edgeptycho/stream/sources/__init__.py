@@ -15,6 +15,9 @@ SOURCES: dict[str, tuple[str, str]] = {
     "shm": ("shm", "ShmSource"),
     "tcp": ("tcp", "TcpSource"),
     "rdma": ("rdma", "RdmaSource"),
+    "dectris-v1": ("dectris_v1", "DectrisV1Source"),
+    "dectris-v2": ("dectris_v2", "DectrisV2Source"),
+    "pva": ("pva", "PvaSource"),
 }
 
 
