@@ -11,6 +11,7 @@ import sys
 # runs, so `edgeptycho --help` stays fast and a missing optional extra breaks only its own command.
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("simulate", "simulate a ptychographic scan (preset or YAML) into a CXI file with ground truth"),
+    "simulate-detector": ("simulate_detector", "stream a CXI scan or synthetic frames as a DECTRIS detector (SIMPLON stream v1/v2)"),
     "evaluate": ("evaluate", "score a reconstruction against ground truth (NRMSE, SSIM, FRC resolution)"),
     "dataset": ("dataset", "generate a sharded simulated training set with a manifest"),
     "train": ("train", "train a CNN preset on a simulated training set"),
@@ -18,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "export a checkpoint to ONNX (dynamic batch) and check it against PyTorch"),
     "models": ("models", "list the shipped models with their metadata"),
     "reconstruct": ("reconstruct", "infer every pattern of a CXI scan, stitch, and write a CXI reconstruction"),
+    "calibrate": ("calibrate", "quantize a model (dpu-pow2, trt-int8, fp16) on calibration patterns into an artifact"),
+    "quant-report": ("quant_report", "report int8/fp16 accuracy vs FP32 on held-out simulated scans (Markdown + plots)"),
     "backends": ("backends", "list every HAL backend with its availability, reason and fix"),
     "serve": ("serve", "run the streaming service from a YAML config until stopped"),
     "demo": ("demo", "simulate a Siemens-star scan and stream it through the service on the CPU backend"),

@@ -1,4 +1,4 @@
-"""Emulators that run anywhere with a target's numerics: jetson-emu (FP16 / trt-int8 QDQ) and alveo-emu (pow2 QDQ)."""
+"""Emulators that run anywhere with a target's numerics: jetson-emu (FP16 / trt-int8 QDQ) and alveo-emu (integer DPU)."""
 
 from __future__ import annotations
 
