@@ -78,19 +78,26 @@ def preprocess_into(
     if mask is not None:
         frames = np.where(mask, 0, frames)
     x = _crop_bin(frames, spec)
-    # log1p/normalise run in place: never on the caller's frames (a crop or bin-1 result may be a view).
-    if np.may_share_memory(x, frames) or not x.flags.writeable or x.dtype != np.float32:
-        x = x.astype(np.float32)
     n = x.shape[0]
     target = out.reshape(out.shape[0], x.shape[-2], x.shape[-1])[:n]
+    direct = target.dtype == np.float32 and scale == 1.0 and not np.may_share_memory(target, frames)
+    if direct:  # the one write of the (binned) frames, straight into the model input; the rest is in place
+        np.copyto(target, x, casting="unsafe")
+        x = target
+    # log1p/normalise run in place: never on the caller's frames (a crop or bin-1 result may be a view).
+    elif np.may_share_memory(x, frames) or not x.flags.writeable or x.dtype != np.float32:
+        x = x.astype(np.float32)
     if spec.log:
-        np.maximum(x, 0, out=x)
+        if not np.issubdtype(frames.dtype, np.unsignedinteger):  # counts cannot be negative: skip a pass
+            np.maximum(x, 0, out=x)
         np.log1p(x, out=x)
     if spec.normalize == "frame-mean":
         m = x.reshape(n, -1).mean(axis=1)
         m[m <= 0] = 1.0
         x /= m[:, None, None]
-    if target.dtype == np.int8:
+    if direct:
+        pass
+    elif target.dtype == np.int8:
         np.multiply(x, 1.0 / scale, out=x)
         np.floor(x + 0.5, out=x)  # DPU rounds activations half up
         np.clip(x, -128, 127, out=x)

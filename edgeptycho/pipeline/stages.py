@@ -1,0 +1,334 @@
+"""Pipeline stages as threads joined by bounded ports: inference, postprocess + sinks, monitor, series writer.
+
+Data flow (each arrow a Port): batcher ─► InferStage ─► PostStage ─► pool (slot recycled)
+                                                             └─► SeriesWriter (end of scan: stitch + CXI)
+MonitorStage publishes the live mosaic and the status beside them. ZeroMQ sockets are not thread-safe, so
+every use of the one Publisher is serialised by `pub_lock` (a lock is the full memory barrier ZeroMQ asks
+for when a socket changes threads); expensive work (snapshots, JSON) happens outside it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgeptycho.hw.base import Backend
+
+from .batcher import BatchPool, BatchSlot, Port
+from .stitcher import LiveStitcher, StitchResult, canvas_for, stitch
+from .telemetry import Telemetry
+
+log = logging.getLogger(__name__)
+_POLL_S = 0.05
+
+
+class InferStage:
+    """Submits batches to the backend with up to `inflight` outstanding; forwards each when its wait returns.
+
+    A synchronous backend (cpu) computes inside submit(); an asynchronous one (jetson, cuda) gets the next
+    batch submitted before the previous one is waited on, whenever that next batch is already formed.
+    """
+
+    def __init__(self, backend: Backend, inp: Port, out: Port, telemetry: Telemetry, inflight: int = 2,
+                 stop: threading.Event | None = None):
+        if inflight < 1:
+            raise ValueError(f"inflight must be >= 1, got {inflight}")
+        self.backend, self.inp, self.out, self.telemetry = backend, inp, out, telemetry
+        self.inflight, self.stop = inflight, stop or threading.Event()
+        self.busy_s = 0.0  # time inside submit + wait: the backend's share of the wall clock
+        self._submit_s = self._wait_s = 0.0
+        self._batches = 0
+        self.in_progress = 0  # batches taken from the port and not yet forwarded
+        self._cond = threading.Condition()
+
+    @property
+    def capacity(self) -> int:
+        """Batches the backend can usefully hold at once: 1 when submit() computes synchronously (cpu)."""
+        if self._batches < 2 or self._wait_s < 0.05 * self._submit_s:
+            return 1
+        return self.inflight
+
+    def ready(self) -> bool:
+        """True when a batch flushed now would start at once: nothing queued, room on the device."""
+        return self.inp.empty() and self.in_progress < self.capacity
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until ready() (woken at once when a batch completes) or `timeout` s; returns ready()."""
+        with self._cond:
+            return self._cond.wait_for(self.ready, timeout)
+
+    def _changed(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        pending: collections.deque[BatchSlot] = collections.deque()
+        tel, be = self.telemetry, self.backend
+        while True:
+            slot = self.inp.get(self.stop)
+            if slot is None:
+                return
+            self.in_progress += 1
+            self._changed()  # the port shrank
+            if slot.n:
+                t0 = slot.t_submitted = time.perf_counter()
+                tel.stamp("submitted", slot.seq[:slot.n], t0)
+                slot.ticket = be.submit(slot.inputs, slot.outputs, n=slot.n)
+                dt = time.perf_counter() - t0
+                self.busy_s += dt
+                self._submit_s += dt
+                self._batches += 1
+            pending.append(slot)
+            while pending and (len(pending) >= self.inflight or self.inp.empty() or pending[-1].closed):
+                done = pending.popleft()
+                if done.n:
+                    t0 = time.perf_counter()
+                    be.wait(done.ticket)
+                    done.t_inferred = time.perf_counter()
+                    self.busy_s += done.t_inferred - t0
+                    self._wait_s += done.t_inferred - t0
+                    tel.stamp("inferred", done.seq[:done.n], done.t_inferred)
+                self.out.put(done)
+                self.in_progress -= 1
+                self._changed()
+                if done.closed:
+                    return
+
+
+@dataclass
+class Geometry:
+    """Where patches land: canvas (H, W) in patch pixels, its origin (object pixel of canvas (0, 0)), pixel m."""
+
+    canvas: tuple[int, int] | None  # None: centred on the first patch, `auto_canvas` across
+    origin_px: tuple[int, int] = (0, 0)
+    pixel_m: float = math.nan
+    factor: float = 1.0  # patch pixel ÷ full-frame object pixel (PreprocessSpec.pixel_size_factor)
+    auto_canvas: int = 1024
+    auto: bool = False  # canvas placed per series on its first patch (scan extent unknown in advance)
+
+    def positions(self, meta: np.ndarray) -> np.ndarray:
+        """Patch-pixel positions (n, 2) of ring metadata; from metres where pixels are missing."""
+        pos = meta["position_px"].copy()
+        if math.isfinite(self.pixel_m):
+            missing = ~np.isfinite(pos).all(axis=1)
+            if missing.any():
+                pos[missing] = meta["position_m"][missing] / (self.pixel_m / self.factor)
+        return pos / self.factor
+
+
+@dataclass
+class SeriesRecord:
+    """Everything kept of one series for its final reconstruction: patches, positions, frame ids."""
+
+    series_id: int
+    amplitude: list[np.ndarray] = field(default_factory=list)
+    phase: list[np.ndarray] = field(default_factory=list)
+    meta: list[np.ndarray] = field(default_factory=list)
+    n: int = 0
+    truncated: bool = False
+    stitcher: LiveStitcher | None = None
+
+
+class PostStage:
+    """Postprocess and sinks: publish patch messages, stamp latencies, stitch live, keep patches for the CXI."""
+
+    def __init__(self, inp: Port, pool: BatchPool, telemetry: Telemetry, weight: np.ndarray,
+                 geometry: Geometry, publisher: Any = None, pub_lock: threading.Lock | None = None,
+                 writer: Port | None = None, keep_max: int = 16384, stop: threading.Event | None = None):
+        self.inp, self.pool, self.telemetry, self.weight, self.geometry = inp, pool, telemetry, weight, geometry
+        self.publisher, self.pub_lock = publisher, pub_lock or threading.Lock()
+        self.writer, self.keep_max, self.stop = writer, keep_max, stop or threading.Event()
+        self.m = int(weight.shape[-1])
+        self.series: SeriesRecord | None = None
+        self.counters = {"published": 0, "publish_dropped": 0, "unplaced": 0, "series": 0, "errors": 0}
+        self.last_error = ""
+
+    @property
+    def stitcher(self) -> LiveStitcher | None:
+        s = self.series
+        return None if s is None else s.stitcher
+
+    def _new_stitcher(self, pos: np.ndarray) -> LiveStitcher:
+        g = self.geometry
+        if g.canvas is None:  # unknown scan extent: centre a canvas on the first placed patch
+            g.auto = True
+            first = pos[np.isfinite(pos).all(axis=1)][0]
+            g.origin_px = (int(first[0]) - g.auto_canvas // 2, int(first[1]) - g.auto_canvas // 2)
+            g.canvas = (g.auto_canvas, g.auto_canvas)
+        return LiveStitcher(g.canvas, self.m, self.weight, origin_px=g.origin_px)
+
+    def _handle(self, slot: BatchSlot) -> None:
+        n = slot.n
+        meta = slot.meta[:n]
+        amp = slot.outputs["amplitude"][:n, 0]
+        phase = slot.outputs["phase"][:n, 0]
+        sid = int(meta["series_id"][0])
+        if self.series is not None and self.series.series_id != sid:
+            self._end_series(self.series.series_id)  # a new series without an end marker closes the last one
+        if self.series is None:
+            self.series = SeriesRecord(sid)
+            self.counters["series"] += 1
+        if self.publisher is not None:
+            t_inf = self.telemetry.wall.to_unix(slot.t_inferred)
+            with self.pub_lock:
+                sent = self.publisher.publish_patches(meta, amp, phase, t_inf)
+            self.counters["published"] += sent
+            self.counters["publish_dropped"] += n - sent
+        self.telemetry.published(slot.seq[:n], t_detector=meta["t_detector"])
+        rec = self.series
+        pos = self.geometry.positions(meta)
+        ok = np.isfinite(pos).all(axis=1)
+        if ok.any():
+            if rec.stitcher is None:
+                rec.stitcher = self._new_stitcher(pos)
+            if ok.all():
+                rec.stitcher.add_batch(amp, phase, pos)
+            else:
+                rec.stitcher.add_batch(amp[ok], phase[ok], pos[ok])
+        self.counters["unplaced"] += int(n - ok.sum())
+        if self.writer is not None:
+            if rec.n + n <= self.keep_max:
+                rec.amplitude.append(amp.copy())  # outputs are recycled with the slot; keep our own copy
+                rec.phase.append(phase.copy())
+                rec.meta.append(meta.copy())
+                rec.n += n
+            elif not rec.truncated:
+                rec.truncated = True
+                log.warning("series %d: more than %d frames; the final CXI uses the live mosaic",
+                            rec.series_id, self.keep_max)
+
+    def _end_series(self, series_id: int | None) -> None:
+        rec = self.series
+        if rec is not None and self.writer is not None:
+            self.writer.put(rec)
+        self.series = None
+        if self.geometry.auto:  # the next scan gets its own canvas, centred on its first patch
+            self.geometry.canvas = None
+
+    def run(self) -> None:
+        while True:
+            slot = self.inp.get(self.stop)
+            if slot is None:
+                return
+            try:
+                if slot.n:
+                    self._handle(slot)
+                if slot.end_series is not None or slot.closed:
+                    self._end_series(slot.end_series)
+            except Exception as exc:  # one bad batch (a sink error) must not stop the service
+                log.exception("postprocessing a batch of %d frames failed", slot.n)
+                self.counters["errors"] += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
+            finally:
+                closed = slot.closed
+                self.pool.put(slot)
+            if closed:
+                if self.writer is not None:
+                    self.writer.put(None)  # tells the writer the stream is over
+                return
+
+
+class SeriesWriter:
+    """End of a series: offline stitch of every kept patch (lsq offsets, sub-pixel) → callback (CXI, mosaic)."""
+
+    def __init__(self, inp: Port, weight: np.ndarray, geometry: Geometry,
+                 on_result: Callable[[SeriesRecord, StitchResult], None], stop: threading.Event | None = None):
+        self.inp, self.weight, self.geometry, self.on_result = inp, weight, geometry, on_result
+        self.stop = stop or threading.Event()
+        self.results: dict[int, StitchResult] = {}
+        self.errors: list[str] = []
+
+    def finalize(self, rec: SeriesRecord) -> StitchResult | None:
+        if rec.n and not rec.truncated:
+            meta = np.concatenate(rec.meta)
+            pos = self.geometry.positions(meta)
+            ok = np.isfinite(pos).all(axis=1)
+            if not ok.any():
+                return None
+            amp, ph = np.concatenate(rec.amplitude)[ok], np.concatenate(rec.phase)[ok]
+            if rec.stitcher is not None:  # the same canvas as the live mosaic
+                return stitch(amp, ph, pos[ok], self.weight, rec.stitcher.shape, origin_px=rec.stitcher.origin_px)
+            shape, origin = canvas_for(pos[ok], self.weight.shape[-1])
+            return stitch(amp, ph, pos[ok], self.weight, shape, origin_px=origin)
+        if rec.stitcher is not None:
+            return rec.stitcher.result()
+        return None
+
+    def run(self) -> None:
+        while True:
+            rec = self.inp.get(self.stop)
+            if rec is None:
+                return
+            try:
+                result = self.finalize(rec)
+                if result is not None:
+                    self.results[rec.series_id] = result
+                    self.on_result(rec, result)
+                elif rec.n:
+                    log.warning("series %d: %d frames without scan positions: no mosaic or CXI written",
+                                rec.series_id, rec.n)
+            except Exception as exc:  # a failed write must not take the service down
+                log.exception("series %d: final reconstruction failed", rec.series_id)
+                self.errors.append(f"series {rec.series_id}: {exc}")
+
+
+def publish_mosaic(publisher: Any, lock: threading.Lock, amplitude: np.ndarray, phase: np.ndarray,
+                   origin_px: tuple[int, int], geometry: Geometry, n_frames: int, max_px: int = 1024,
+                   extra: dict[str, Any] | None = None) -> bool:
+    """Send one `mosaic` message (decimated to at most `max_px` a side) under `lock`; ZeroMQ copies the data."""
+    step = max(1, math.ceil(max(amplitude.shape) / max_px))
+    if step > 1:  # a display stream: decimate big canvases rather than flood the subscribers
+        amplitude, phase = amplitude[::step, ::step], phase[::step, ::step]
+    pixel = geometry.pixel_m
+    finite = math.isfinite(pixel)
+    origin = [v * pixel if finite else 0.0 for v in origin_px]
+    with lock:
+        return publisher.publish_mosaic(amplitude, phase, origin, pixel * step if finite else 0.0, n_frames,
+                                        extra={"decimation": step, **(extra or {})})
+
+
+class MonitorStage:
+    """Publishes the live mosaic at `mosaic_hz` (only when it changed) and the status at `status_hz`."""
+
+    def __init__(self, post: PostStage, status: Callable[[], dict[str, Any]], publisher: Any,
+                 pub_lock: threading.Lock, mosaic_hz: float = 10.0, status_hz: float = 1.0,
+                 mosaic_max_px: int = 512, done: threading.Event | None = None):
+        self.post, self.status, self.publisher, self.pub_lock = post, status, publisher, pub_lock
+        self.mosaic_period = 1.0 / mosaic_hz if mosaic_hz > 0 else math.inf
+        self.status_period = 1.0 / status_hz if status_hz > 0 else math.inf
+        self.mosaic_max_px = mosaic_max_px
+        self.done = done or threading.Event()
+        self.mosaics = self.statuses = 0
+        self._last_n = -1
+
+    def publish_mosaic(self, stitcher: LiveStitcher) -> bool:
+        amp, phase = stitcher.snapshot_amp_phase(copy=False)  # only this thread reads them until next call
+        ok = publish_mosaic(self.publisher, self.pub_lock, amp, phase, stitcher.origin_px,
+                            self.post.geometry, stitcher.n_added, self.mosaic_max_px)
+        self.mosaics += int(ok)
+        return ok
+
+    def run(self) -> None:
+        next_m = next_s = time.perf_counter()
+        while not self.done.is_set():
+            now = time.perf_counter()
+            if now >= next_m:
+                next_m = now + self.mosaic_period
+                st = self.post.stitcher
+                if st is not None and st.n_added != self._last_n:
+                    self._last_n = st.n_added
+                    self.publish_mosaic(st)
+            if now >= next_s:
+                next_s = now + self.status_period
+                status = self.status()
+                with self.pub_lock:
+                    self.statuses += int(self.publisher.publish_status(status))
+            self.done.wait(max(min(next_m, next_s) - time.perf_counter(), 0.001))

@@ -1,0 +1,52 @@
+"""Telemetry: stage timestamps, histogram percentiles, latency intervals and overhead."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgeptycho.pipeline.telemetry import LatencyHistogram, StageClock, Telemetry
+
+
+def test_histogram_percentiles_match_numpy_within_a_bin():
+    rng = np.random.default_rng(0)
+    v = rng.lognormal(np.log(2e-3), 0.5, 20000)
+    h = LatencyHistogram()
+    h.record(v[:10000])
+    h.record(v[10000:])
+    for q in (50, 90, 99):
+        assert h.percentile(q) == pytest.approx(np.percentile(v, q), rel=0.03)
+    s = h.summary()
+    assert s["count"] == 20000 and s["max"] == pytest.approx(v.max() * 1e3)
+
+
+def test_empty_histogram_and_nonfinite_values():
+    h = LatencyHistogram()
+    assert h.percentile(50) is None and h.summary()["p99"] is None
+    h.record(np.array([np.nan, 1e-3]))
+    assert h.total == 1
+
+
+def test_stage_clock_wraps_by_sequence_number():
+    c = StageClock(8)
+    c.stamp("received", np.arange(10, 14), 1.0)
+    c.stamp("published", np.arange(10, 14), np.array([1.5, 2.0, 2.5, 3.0]))
+    np.testing.assert_allclose(c.interval(np.arange(10, 14), "received", "published"), [0.5, 1.0, 1.5, 2.0])
+
+
+def test_published_records_intervals_and_overhead():
+    t = Telemetry(64)
+    seq = np.arange(4)
+    t.stamp("received", seq, np.array([0.0, 0.001, 0.002, 0.003]))
+    t.stamp("batched", seq, 0.004)
+    t.stamp("submitted", seq, 0.005)
+    t.stamp("inferred", seq, 0.015)
+    t.published(seq, 0.016)
+    h = t.hist
+    assert h["receive_to_published"].total == 4
+    assert h["batched_to_inferred"].percentile(50) == pytest.approx(0.011, rel=0.03)
+    # overhead = total − formation − compute = (submitted − batched) + (published − inferred) = 2 ms
+    assert h["overhead"].percentile(50) == pytest.approx(0.002, rel=0.03)
+    st = t.status()
+    assert st["latency_ms"]["overhead"]["count"] == 4
+    assert t.status()["latency_recent_ms"]["overhead"]["count"] == 0  # "recent" resets at each status
