@@ -19,8 +19,12 @@ test-fast:  ## tests without the slow marker
 demo: install  ## simulate a Siemens-star scan and stream it through the CPU backend
 	edgeptycho demo --out $(OUT)/demo
 
-bench:  ## benchmarks; results go to docs/BENCHMARKS.md by hand, with the machine
-	$(PY) benchmarks/run_all.py
+bench:  ## the standard benchmarks (several minutes); figures go to docs/BENCHMARKS.md with the machine
+	$(PY) benchmarks/bench_simulate.py
+	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_codecs.py
+	$(PY) benchmarks/bench_epie.py speed
+	$(PY) benchmarks/bench_pipeline.py --only efficiency
 
 lint:  ## ruff
 	$(PY) -m ruff check edgeptycho tests benchmarks
