@@ -188,14 +188,6 @@ class AlveoBackend(Backend):
         return index
 
     # --- the contract --------------------------------------------------------------------------------
-    @property
-    def input_spec(self) -> TensorSpec:
-        return self._input_spec
-
-    @property
-    def output_spec(self) -> tuple[TensorSpec, ...]:
-        return self._output_spec
-
     def submit(self, inputs: np.ndarray, outputs: dict[str, np.ndarray], n: int | None = None) -> Ticket:
         from ..quantization.qdq import quantize_pow2
 

@@ -156,13 +156,17 @@ class Backend(abc.ABC):
         """Raise BackendUnavailable (reason + fix) if the SDK or device is missing; cheap, no model needed."""
 
     # --- the contract ----------------------------------------------------------------------------
-    @property
-    @abc.abstractmethod
-    def input_spec(self) -> TensorSpec: ...
+    # Subclasses set self._input_spec / self._output_spec when they open the model.
+    _input_spec: TensorSpec
+    _output_spec: tuple[TensorSpec, ...]
 
     @property
-    @abc.abstractmethod
-    def output_spec(self) -> tuple[TensorSpec, ...]: ...
+    def input_spec(self) -> TensorSpec:
+        return self._input_spec
+
+    @property
+    def output_spec(self) -> tuple[TensorSpec, ...]:
+        return self._output_spec
 
     def allocator(self) -> Allocator:
         """The memory this device reads without a copy."""

@@ -127,14 +127,6 @@ class CpuBackend(Backend):
                           for o, s in zip(outs, out_shapes, strict=True))
         return in_spec, out_specs, static
 
-    @property
-    def input_spec(self) -> TensorSpec:
-        return self._input_spec
-
-    @property
-    def output_spec(self) -> tuple[TensorSpec, ...]:
-        return self._output_spec
-
     # --- running ---------------------------------------------------------------------------------------
     def _run(self, x: np.ndarray, outputs: dict[str, np.ndarray], rows: int) -> None:
         """Run the first `rows` frames of float32 `x` straight into `outputs` (pointer binding, no copies)."""

@@ -212,14 +212,6 @@ class CudaBackend(Backend):
                 self._static_out[i] = self._forward(self._static_in[i])
             self._graphs[i] = graph
 
-    @property
-    def input_spec(self) -> TensorSpec:
-        return self._input_spec
-
-    @property
-    def output_spec(self) -> tuple[TensorSpec, ...]:
-        return self._output_spec
-
     def allocator(self) -> Allocator:
         """Pinned host memory: batches built here are copied to the GPU asynchronously, without staging."""
         return self._alloc

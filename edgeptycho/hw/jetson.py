@@ -230,14 +230,6 @@ class JetsonBackend(Backend):
         return slot
 
     # --- the contract --------------------------------------------------------------------------------
-    @property
-    def input_spec(self) -> TensorSpec:
-        return self._input_spec
-
-    @property
-    def output_spec(self) -> tuple[TensorSpec, ...]:
-        return self._output_spec
-
     def allocator(self) -> Allocator:
         """Mapped pinned memory on Jetson (the engine reads ring slots in place), pinned memory on a dGPU."""
         return self._alloc
