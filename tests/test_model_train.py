@@ -85,3 +85,24 @@ def test_resume_continues_where_it_stopped(tmp_path, data_dir):
 def test_dataset_for_another_preset_is_refused(tmp_path, data_dir):
     with pytest.raises(ValueError, match="input_size"):
         train(load_preset("cpu-default"), data_dir, tmp_path, _settings(), progress=False, log=lambda s: None)
+
+
+def test_init_warm_starts_from_weights_only(tmp_path, data_dir):
+    first = train(_preset(), data_dir, tmp_path / "a", _settings(epochs=2), progress=False, log=lambda s: None)
+    warm = train(_preset(), data_dir, tmp_path / "b", _settings(epochs=1), progress=False, log=lambda s: None,
+                 init=tmp_path / "a" / "best.pt")
+    assert [h["epoch"] for h in warm.history] == [1]  # a fresh schedule, not a resume
+    # a warm start carries on from where the source run ended, well below a cold start's first epoch
+    cold = train(_preset(), data_dir, tmp_path / "c", _settings(epochs=1), progress=False, log=lambda s: None)
+    assert warm.history[0]["val_loss"] < min(cold.history[0]["val_loss"], 1.2 * first.best_val)
+    ckpt = torch.load(tmp_path / "b" / "best.pt", weights_only=True)
+    assert ckpt["recipe"]["init"].endswith("best.pt")
+
+
+def test_init_refuses_another_architecture(tmp_path, data_dir):
+    train(_preset(), data_dir, tmp_path / "a", _settings(epochs=1), progress=False, log=lambda s: None)
+    other = _preset()
+    other.network.widths = [w * 2 for w in other.network.widths]
+    with pytest.raises(ValueError, match="different architecture"):
+        train(other, data_dir, tmp_path / "b", _settings(epochs=1), progress=False, log=lambda s: None,
+              init=tmp_path / "a" / "best.pt")

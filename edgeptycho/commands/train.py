@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, help="batch size (default: the preset's recipe)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
     parser.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a last.pt checkpoint")
+    parser.add_argument("--init", type=Path, metavar="CKPT",
+                        help="start from these weights (best.pt or last.pt of the same architecture) with a fresh "
+                             "optimiser and schedule: specialise a broad model on a narrower training set")
     parser.add_argument("--seed", type=int, default=0, help="random seed (weights and batch order)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--val-shards", type=int, help="held-out shards for validation (default: the recipe's fraction)")
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
                              val_shards=args.val_shards)
     command = "edgeptycho train " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("train") + 1:]) \
         if "train" in sys.argv else ""
-    result = train(preset, args.data, args.out, settings, resume=args.resume, progress=not args.no_progress,
+    result = train(preset, args.data, args.out, settings, resume=args.resume, init=args.init, progress=not args.no_progress,
                    reproduce=[command] if command else None)
     print(f"best validation loss {result.best_val:.4f} at epoch {result.best_epoch}: "
           f"{args.out / CHECKPOINT_BEST}; loss curve {args.out / 'loss_curve.png'}")

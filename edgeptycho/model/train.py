@@ -171,9 +171,12 @@ def plot_history(history: list[dict[str, Any]], steps: list[tuple[int, float]], 
 
 def train(preset: Preset | str, data_dir: str | Path, out: str | Path, settings: TrainSettings,
           resume: str | Path | None = None, progress: bool = True,
-          log: Callable[[str], None] = print, reproduce: list[str] | None = None) -> TrainResult:
+          log: Callable[[str], None] = print, reproduce: list[str] | None = None,
+          init: str | Path | None = None) -> TrainResult:
     """Train; writes last.pt (every epoch, for --resume), best.pt (lowest validation loss), history.json and
-    loss_curve.png into `out`. With `resume`, the preset, optimiser, scheduler, epoch and RNG come from it."""
+    loss_curve.png into `out`. With `resume`, the preset, optimiser, scheduler, epoch and RNG come from it.
+    With `init`, only the weights come from that checkpoint (a warm start: the optimiser, schedule and
+    epochs are new), so a model trained on a broad probe family can be specialised on a narrower one."""
     torch.set_num_threads(settings.threads)
     data_dir, out = Path(data_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -197,6 +200,13 @@ def train(preset: Preset | str, data_dir: str | Path, out: str | Path, settings:
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train_data)} training pairs is less than one batch of {settings.batch}")
     model = build_network(preset.network)
+    if init is not None and ckpt is None:
+        start = torch.load(init, map_location="cpu", weights_only=True)
+        if preset_from_dict(start["preset"]).network != preset.network:
+            raise ValueError(f"--init {init} is a '{start['preset']['name']}' network; preset '{preset.name}' "
+                             f"has a different architecture")
+        model.load_state_dict(start["model"])
+        log(f"initialised weights from {init} (epoch {start['epoch']}, validation {start['best_val']:.4f})")
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=preset.training.weight_decay)
     sched = _scheduler(opt, preset.training.schedule, settings.lr, settings.epochs * steps_per_epoch)
     start_epoch, best_val, best_epoch = 1, math.inf, 0
@@ -212,7 +222,7 @@ def train(preset: Preset | str, data_dir: str | Path, out: str | Path, settings:
         log(f"resumed from {resume} at epoch {start_epoch} (best validation {best_val:.4f} at epoch {best_epoch})")
     recipe = {**asdict(preset.training), **asdict(settings), "optimizer": "Adam", "val_shards": val_files,
               "n_train": len(train_data), "n_val": len(val_data), "steps_per_epoch": steps_per_epoch,
-              "torch": str(torch.__version__)}
+              "torch": str(torch.__version__), "init": str(init) if init else None}
     data_summary = {k: manifest[k] for k in ("preset", "seed", "n", "frame_size", "physics", "code_version",
                                              "command") if k in manifest}
     data_summary["dir"] = str(data_dir)
