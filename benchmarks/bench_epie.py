@@ -1,9 +1,15 @@
-"""ePIE/rPIE benchmarks: seconds per iteration (sequential vs batched), scatter methods, hybrid vs full iterative.
+"""ePIE/rPIE/mPIE benchmarks: seconds per iteration, scatter methods, hybrid vs full iterative, quality monitor.
 
     nice -n 19 python benchmarks/bench_epie.py speed --positions 500 --size 128 --workers 2
     nice -n 19 python benchmarks/bench_epie.py speed --scatter              # loop vs np.add.at in the solver
     nice -n 19 python benchmarks/bench_epie.py headline --scan scan.cxi --init-from cnn_recon.cxi \\
         --hybrid-iters 10 --full-iters 200 [--cnn-seconds 0.8]
+    nice -n 10 python benchmarks/bench_epie.py race star.cxi ic.cxi cells.cxi texture.cxi --png race.png
+
+`race` runs, per held-out simulated scan and one after the other in one process: the CNN (inference +
+stitch) + N iterations (default mPIE), then M iterations from flat (refine()'s flat defaults: mPIE with the
+final quarter annealed); it records the misfit per iteration, the phase NRMSE per iteration (hybrid) or
+every k (flat), wall and CPU seconds, the time ratios, and a PNG of quality against CPU time.
 
 `speed` simulates a spiral scan (zone-plate probe, 10-nm pixels) unless --scan is given. `headline` runs N
 iterations from the seed in --init-from (the stitched CNN reconstruction) and M from a flat object, scores
@@ -63,7 +69,7 @@ def time_iterations(scan: ScanData, opts: EpieOptions, iters: int, repeats: int,
         best = min(best, float(np.median(res.seconds[1:])))
         best_cpu = min(best_cpu, float(np.median(np.diff(cpu)[1:])))
     # on a shared machine wall time includes waiting for a core; process CPU time (all threads) does not
-    return {"batch_size": opts.batch_size, "scatter": opts.scatter, "integer_positions": integer,
+    return {"method": opts.method, "batch_size": opts.batch_size, "scatter": opts.scatter, "integer_positions": integer,
             "probe_update": opts.probe_update_start is not None, "modes": int(probe.shape[0]),
             "s_per_iter": best, "cpu_s_per_iter": best_cpu, "ms_per_position": 1e3 * best / scan.n_frames}
 
@@ -78,7 +84,7 @@ def cmd_speed(a: argparse.Namespace) -> dict:
                 for sc in scatters:
                     if bs == 1 and sc != scatters[0]:
                         continue
-                    opts = EpieOptions(batch_size=bs, probe_update_start=probe_start, scatter=sc,
+                    opts = EpieOptions(method=a.method, batch_size=bs, probe_update_start=probe_start, scatter=sc,
                                        workers=a.workers, backend=a.backend)
                     iters = max(1, a.iters // 3) if bs == 1 else a.iters
                     r = time_iterations(scan, opts, iters, a.repeats, integer)
@@ -103,7 +109,7 @@ def cmd_headline(a: argparse.Namespace) -> dict:
         raise SystemExit("headline needs a scan with ground truth (a simulated CXI scan)")
     seed = read_reconstruction(a.init_from)
     cnn_s = a.cnn_seconds if a.cnn_seconds is not None else float(seed.metrics.get("inference_seconds", 0.0))
-    opts = EpieOptions(batch_size=a.batch_size, probe_update_start=None, workers=a.workers, backend=a.backend)
+    opts = EpieOptions(method=a.method, batch_size=a.batch_size, probe_update_start=None, workers=a.workers, backend=a.backend)
     seed_q = metrics.evaluate(seed, scan)
     t0 = time.perf_counter()
     hybrid = refine(scan, seed, n_iters=a.hybrid_iters, options=opts)
@@ -133,6 +139,81 @@ def cmd_headline(a: argparse.Namespace) -> dict:
     }
 
 
+def _run_curve(scan: ScanData, seed, n_iters: int, every: int, opts: EpieOptions) -> dict:
+    """One solver run from a seed (None = flat): wall and CPU seconds, misfit per iteration, phase NRMSE every k."""
+    from edgeptycho.pipeline.refine import _prepare
+
+    obj, origin, pos, probe, dx = _prepare(scan, seed, None)
+    c0, t0 = time.process_time(), time.perf_counter()
+    res = solve(scan.frames, pos, probe, obj, n_iters, opts, scan.mask, snapshot_every=every)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    score = [metrics.evaluate(Reconstruction(o, dx, scan.positions_m, origin_m=tuple(origin)), scan)
+             for _, o in res.snapshots]
+    return {"iters": [i for i, _ in res.snapshots], "phase_nrmse": [q["phase_nrmse"] for q in score],
+            "complex_nrmse_final": score[-1]["complex_nrmse"] if score else None,
+            "misfit": res.convergence.tolist(), "seconds": res.seconds.tolist(), "wall_s": wall, "cpu_s": cpu}
+
+
+def cmd_race(a: argparse.Namespace) -> dict:
+    """CNN (+ stitch) + N iterations against M iterations from flat, one after the other, per held-out scan."""
+    from edgeptycho.commands.reconstruct import reconstruct_scan
+    from edgeptycho.pipeline.refine import flat_options
+
+    hybrid_opts = EpieOptions(method=a.method, batch_size=a.batch_size, workers=a.workers, backend=a.backend)
+    full_opts = flat_options(a.full_iters, hybrid_opts) if a.anneal else hybrid_opts
+    out: dict = {"model": a.model, "hybrid": hybrid_opts.__dict__, "full": full_opts.__dict__, "scans": {}}
+    for path in a.scans:
+        scan = _load_scan(path)
+        c0, t0 = time.process_time(), time.perf_counter()
+        seed, _times = reconstruct_scan(scan, a.model)
+        cnn_wall, cnn_cpu = time.perf_counter() - t0, time.process_time() - c0
+        cnn_q = metrics.evaluate(seed, scan)["phase_nrmse"]
+        hyb = _run_curve(scan, seed, a.hybrid_iters, 1, hybrid_opts)
+        full = _run_curve(scan, None, a.full_iters, a.every, full_opts)
+        h_wall, h_cpu = cnn_wall + hyb["wall_s"], cnn_cpu + hyb["cpu_s"]
+        match = _first_match(full["phase_nrmse"], hyb["phase_nrmse"][-1])
+        row = {"cnn_phase_nrmse": cnn_q, "cnn_wall_s": cnn_wall, "cnn_cpu_s": cnn_cpu, "hybrid": hyb, "full": full,
+               "hybrid_total_wall_s": h_wall, "hybrid_total_cpu_s": h_cpu,
+               "wall_ratio": full["wall_s"] / h_wall, "cpu_ratio": full["cpu_s"] / h_cpu,
+               "hybrid_beats_full": hyb["phase_nrmse"][-1] <= full["phase_nrmse"][-1],
+               "full_iters_to_match_hybrid": None if match is None else match * a.every}
+        out["scans"][path] = row
+        print(path, json.dumps({"cnn": cnn_q, "hybrid": hyb["phase_nrmse"][-1], "full": full["phase_nrmse"][-1],
+                                "wall_ratio": row["wall_ratio"], "cpu_ratio": row["cpu_ratio"]}),
+              file=sys.stderr, flush=True)
+    if a.png:
+        _plot_race(out, a.png)
+    return out
+
+
+def _plot_race(out: dict, png: str) -> None:
+    """Phase NRMSE against CPU seconds (both routes) and Fourier misfit per iteration, one colour per scan."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (path, r) in enumerate(out["scans"].items()):
+        col = f"C{i}"
+        name = path.rsplit("/", 1)[-1].removesuffix(".cxi")
+        hs, fs = r["hybrid"], r["full"]
+        h_t = r["cnn_cpu_s"] + np.cumsum(hs["seconds"]) * hs["cpu_s"] / max(hs["wall_s"], 1e-9)
+        f_t = np.cumsum(fs["seconds"]) * fs["cpu_s"] / max(fs["wall_s"], 1e-9)
+        ax1.plot([r["cnn_cpu_s"], *h_t[np.array(hs["iters"]) - 1]], [r["cnn_phase_nrmse"], *hs["phase_nrmse"]],
+                 "-o", ms=3, color=col, label=f"{name}: CNN + {len(hs['misfit'])}")
+        ax1.plot(f_t[np.array(fs["iters"]) - 1], fs["phase_nrmse"], "--", color=col,
+                 label=f"{name}: {len(fs['misfit'])} from flat")
+        ax2.semilogy(np.arange(1, len(hs["misfit"]) + 1), hs["misfit"], "-", color=col)
+        ax2.semilogy(np.arange(1, len(fs["misfit"]) + 1), fs["misfit"], "--", color=col)
+    ax1.set(xscale="log", yscale="log", xlabel="CPU seconds (CNN + stitch included)", ylabel="phase NRMSE",
+            title="quality against time")
+    ax1.axhline(0.02, color="k", lw=0.5)
+    ax1.legend(fontsize=7)
+    ax2.set(xlabel="iteration", ylabel="Fourier misfit E", title="convergence (solid: CNN seed, dashed: flat)")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
 def cmd_quality(a: argparse.Namespace) -> dict:
     """Full rPIE from a flat object on held-out simulated scans, per object kind: phase NRMSE vs iterations."""
     from edgeptycho.physics.objects import OBJECT_KINDS
@@ -145,7 +226,7 @@ def cmd_quality(a: argparse.Namespace) -> dict:
         row = {}
         runs = [("known_probe", None)] + ([("probe_refined", a.probe_start)] if a.probe_refined else [])
         for label, start in runs:
-            opts = EpieOptions(batch_size=a.batch_size, probe_update_start=start, workers=a.workers)
+            opts = EpieOptions(method=a.method, batch_size=a.batch_size, probe_update_start=start, workers=a.workers)
             res = solve(scan.frames, pos, probe, obj, a.iters, opts, scan.mask, snapshot_every=a.every)
             rec = [Reconstruction(o, dx, scan.positions_m, origin_m=tuple(origin)) for _, o in res.snapshots]
             curve = [metrics.evaluate(r, scan) for r in rec]
@@ -244,7 +325,7 @@ def cmd_monitor(a: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("speed", "headline", "quality", "monitor"):
+    for name in ("speed", "headline", "quality", "monitor", "race"):
         s = sub.add_parser(name)
         s.add_argument("--scan", help="CXI scan (default: simulate one)")
         s.add_argument("--positions", type=int, default=500)
@@ -252,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--modes", type=int, default=1)
         s.add_argument("--workers", type=int, default=2, help="scipy.fft threads")
         s.add_argument("--backend", default="numpy", choices=("numpy", "torch", "cupy", "auto"))
+        s.add_argument("--method", default="mpie", choices=("epie", "rpie", "mpie"))
     sp = sub.choices["speed"]
     sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32, 64])
     sp.add_argument("--iters", type=int, default=6)
@@ -282,8 +364,19 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--extend", type=int, default=None, help="pad the patch to this window (default: 2M)")
     mp.add_argument("--pad-mode", default="edge", help="numpy pad mode for --extend")
     mp.add_argument("--cost-frame", type=int, default=256, help="frame size for the cost measurement")
+    rp = sub.choices["race"]
+    rp.add_argument("scans", nargs="+", help="simulated CXI scans (edgeptycho simulate --preset K --seed S)")
+    rp.add_argument("--model", default="default", help="CNN for the seed")
+    rp.add_argument("--batch-size", type=int, default=32)
+    rp.add_argument("--hybrid-iters", type=int, default=10)
+    rp.add_argument("--full-iters", type=int, default=200)
+    rp.add_argument("--every", type=int, default=10, help="score the run from flat every this many iterations")
+    rp.add_argument("--no-anneal", dest="anneal", action="store_false",
+                    help="run from flat without refine()'s final step annealing")
+    rp.add_argument("--png", help="write the quality-vs-time and convergence figure here")
     a = p.parse_args(argv)
-    out = {"speed": cmd_speed, "headline": cmd_headline, "quality": cmd_quality, "monitor": cmd_monitor}[a.cmd](a)
+    out = {"speed": cmd_speed, "headline": cmd_headline, "quality": cmd_quality, "monitor": cmd_monitor,
+           "race": cmd_race}[a.cmd](a)
     print(json.dumps(out, indent=1))
     return 0
 

@@ -1,4 +1,4 @@
-"""ePIE / rPIE ptychographic solver: sequential or batched, mixed-state probes, sub-pixel and refined positions.
+"""ePIE / rPIE / mPIE ptychographic solver: sequential or batched, mixed-state probes, sub-pixel, refined positions.
 
 One code path for numpy (CPU), CuPy and PyTorch (GPU) through physics.xp. `batch_size=1` with a fresh random
 order each iteration is the classic sequential ePIE of Maiden & Rodenburg (2009); larger batches compute the
@@ -10,6 +10,9 @@ before normalising it, as the PIE denominators do (rPIE, Maiden, Johnson & Li, O
 
 ("epie": O ← O + α·Σ_j conj(P_j)Δψ_j / max Σ_j|P_j|², likewise for P with β). Δψ = ψ' − ψ is the exit-wave
 correction of the modulus constraint with the mode-summed intensity: Ψ'_k = Ψ_k·√I / √(Σ_k|Ψ_k|²).
+With noise_model="poisson" (the default) the correction is the Poisson likelihood gradient instead,
+Ψ·(I/|Ψ|² − 1)/2 per mode (clipped). "mpie" (the default) is rPIE plus momentum every `momentum_every`
+positions (physics.epie_updates); any method can anneal its object step over the last `anneal_iters`.
 
 Geometry follows physics.forward: the window starts at floor(p) − n//2 and the probe is Fourier-shifted by
 the fractional part of p. Measured amplitudes are stored in FFT order once, so only the unshifted orthonormal
@@ -27,19 +30,26 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .epie_updates import Momentum, apply_update, clip_max, orthogonalize_modes, step_gain
 from .forward import _window_starts
 from .fourier import back_propagate
 from .probes import incoherent_modes, normalize_probe, probe_diameter_px
 from .xp import ArrayBackend, get_backend
 
-METHODS = ("epie", "rpie")
+METHODS = ("epie", "rpie", "mpie")
+NOISE_MODELS = ("poisson", "gaussian")
 
 
 @dataclass
 class EpieOptions:
     """Solver settings. Defaults suit a batched rPIE from a flat or seeded object with a known probe."""
 
-    method: str = "rpie"                # "epie" | "rpie"
+    method: str = "mpie"                # "epie" | "rpie" | "mpie" (rPIE + object momentum)
+    momentum: float = 0.9               # mPIE friction η: velocity v ← η·v + (O − O_{T positions ago})
+    momentum_gain: float = 0.5          # mPIE feedback: O ← O + gain·v
+    momentum_every: int = 64            # mPIE: positions between momentum steps (T)
+    anneal_iters: int = 0               # over the last this-many iterations the object step decays ...
+    anneal_to: float = 1.0              # ... geometrically to this factor (averages down the noise)
     alpha: float = 0.05                 # object: ePIE step size, rPIE regularisation weight (0, 1]
     beta: float = 0.5                   # probe: likewise
     batch_size: int = 32                # positions per update; 1 = classic sequential ePIE
@@ -50,6 +60,8 @@ class EpieOptions:
     position_step: float = 1.0          # gain on the least-squares position shift
     max_position_step: float = 0.5      # px per iteration, per position
     orthogonalize_modes: bool = True    # keep incoherent probe modes orthogonal, by decreasing power
+    noise_model: str = "poisson"        # exit-wave correction: "poisson" (ML) | "gaussian" (modulus projection)
+    poisson_clip: float = 5.0           # largest Poisson correction factor (r² − 1)/2 (r = √I/|Ψ| ≤ 3.3)
     fix_probe_power: bool = True        # hold Σ|P|² at its initial value: removes the P·c, O/c scale drift
     subpixel: bool = True               # Fourier-shift the probe by fractional positions (else round them)
     scatter: str = "auto"               # "auto" | "loop" | "add_at"  (see ArrayBackend.scatter_add)
@@ -68,6 +80,19 @@ class EpieOptions:
                 raise ValueError(f"{name} must be in (0, 1], got {v}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.noise_model not in NOISE_MODELS:
+            raise ValueError(f"noise_model must be one of {NOISE_MODELS}, got {self.noise_model!r}")
+        if self.poisson_clip <= 0:
+            raise ValueError(f"poisson_clip must be > 0, got {self.poisson_clip}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum (mPIE friction) must be in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.momentum_gain <= 1.0:
+            raise ValueError(f"momentum_gain must be in [0, 1], got {self.momentum_gain}")
+        if self.momentum_every < 1:
+            raise ValueError(f"momentum_every must be >= 1 position, got {self.momentum_every}")
+        if self.anneal_iters < 0 or not 0.0 < self.anneal_to <= 1.0:
+            raise ValueError(f"anneal_iters must be >= 0 and anneal_to in (0, 1], got {self.anneal_iters}, "
+                             f"{self.anneal_to}")
 
 
 @dataclass
@@ -174,6 +199,12 @@ class _Solver:
         self.cache_ok = len(pos) * k * n * n * 8 <= opts.cache_mb * 2**20
         self.cached = np.zeros(len(pos), bool)
         self.iteration = 0
+        self.gain = 1.0      # object step factor (annealing)
+        self.since = 0       # positions since the last momentum step
+        mpie = opts.method == "mpie"
+        self.mom_obj = Momentum(b, self.obj, opts.momentum, opts.momentum_gain) if mpie else None
+        self.mom_probe = (Momentum(b, self.probe, opts.momentum, opts.momentum_gain)
+                          if mpie and opts.probe_update_start is not None else None)
 
     # -- one batch -----------------------------------------------------------------------------------
     def _step(self, idx: np.ndarray, starts: np.ndarray, frac: np.ndarray | None,
@@ -205,6 +236,11 @@ class _Solver:
         # Ψ' − Ψ = Ψ·(√I/|Ψ| − 1) = Ψ·diff/(|Ψ| + eps); masked pixels have diff = 0 and keep the model.
         amp += self.eps
         xp.divide(diff, amp, out=diff)
+        if o.noise_model == "poisson":
+            # Poisson ML: ∂L/∂Ψ* ∝ Ψ·(1 − I/|Ψ|²), so the correction factor r − 1 (r = √I/|Ψ|) becomes
+            # (r² − 1)/2 = (r − 1)(r + 1)/2, clipped where a near-zero model meets counts
+            diff *= (diff + 2.0) * 0.5
+            clip_max(b, diff, o.poisson_clip)
         big *= diff[:, None]
         delta = b.ifft2c(big)                                               # (nb, k, n, n) exit-wave corrections
         pint = (self.probe.real ** 2 + self.probe.imag ** 2).sum(0)        # (n, n) Σ_k |P_k|²
@@ -221,7 +257,7 @@ class _Solver:
             else:
                 pnum = pnum.sum(0)
             pden = (op.real ** 2 + op.imag ** 2).sum(0)
-            self._apply(self.probe, pnum, pden, o.beta)
+            apply_update(b, o.method, self.probe, pnum, pden, o.beta)
             if o.fix_probe_power:
                 self.probe *= (self.probe_power / max(b.sumsq(b.xp.abs(self.probe)), 1e-30)) ** 0.5
         # object: accumulate the batch's overlapping windows, then normalise once
@@ -230,7 +266,7 @@ class _Solver:
         r0, c0 = starts.min(0)
         r1, c1 = starts.max(0) + n
         num, den = self.acc_num[r0:r1, c0:c1], self.acc_den[r0:r1, c0:c1]
-        self._apply(self.obj[r0:r1, c0:c1], num, den, o.alpha)
+        apply_update(b, o.method, self.obj[r0:r1, c0:c1], num, den, o.alpha, self.gain)
         num[...] = 0
         den[...] = 0
         return err
@@ -247,20 +283,6 @@ class _Solver:
             self.cache[b.index(idx)] = pj
             self.cached[idx] = True
         return pj
-
-    def _apply(self, target, num, den, weight: float) -> None:
-        """target += num / ((1−w)·den + w·max den) (rPIE) or w·num / max den (ePIE), in place."""
-        dmax = self.b.scalar(den.max())
-        if dmax <= 0:
-            return
-        if self.o.method == "epie":
-            num *= weight / dmax
-        else:  # in place: num and den are scratch (zeroed or rebuilt after)
-            den *= 1.0 - weight
-            den += weight * dmax
-            self.b.xp.reciprocal(den, out=den)  # real reciprocal, then complex×real: no complex division
-            num *= den
-        target += num
 
     def _position_step(self, idx: np.ndarray, op, onum, pint) -> None:
         """Least-squares shift per position: δ = Re⟨P·∂O, Δψ⟩ / ‖P·∂O‖² along rows and columns, clipped."""
@@ -280,9 +302,11 @@ class _Solver:
         self.pos[idx] += np.clip(d, -o.max_position_step, o.max_position_step)
 
     # -- one sweep -----------------------------------------------------------------------------------
-    def iterate(self) -> float:
+    def iterate(self, n_iters: int = 0) -> float:
+        """One sweep; `n_iters` is the run's length, which the step annealing counts down from."""
         o, n = self.o, self.n
         it = self.iteration
+        self.gain = step_gain(it, n_iters, o.anneal_iters, o.anneal_to)
         upd_probe = o.probe_update_start is not None and it >= o.probe_update_start
         upd_pos = o.position_update_start is not None and it >= o.position_update_start
         pos = self.pos if o.subpixel else np.round(self.pos)
@@ -294,14 +318,33 @@ class _Solver:
         for b0 in range(0, len(order), bs):
             idx = order[b0:b0 + bs]
             err += self._step(idx, starts[idx], frac[idx] if moving else None, upd_probe, upd_pos)
+            if self.mom_obj is not None:
+                self.since += len(idx)
+                if self.since >= o.momentum_every:
+                    self._momentum(upd_probe)
+                    self.since = 0
         if upd_probe or upd_pos:
             self.cached[:] = False
         if upd_pos:
             self._keep_positions_inside()
         if upd_probe and o.orthogonalize_modes and self.probe.shape[0] > 1:
-            self._orthogonalize()
+            orthogonalize_modes(self.b, self.probe)
+            if self.mom_probe is not None:
+                self.mom_probe.reset(self.probe)
         self.iteration += 1
         return err / self.total
+
+    def _momentum(self, upd_probe: bool) -> None:
+        self.mom_obj.step(self.obj, self.gain)  # annealed with the step: momentum amplifies noise at the floor
+        if self.mom_probe is None:
+            return
+        if not upd_probe:  # probe not updated yet: keep its history current, so momentum starts from rest
+            self.mom_probe.reset(self.probe)
+            return
+        self.mom_probe.step(self.probe)
+        self.cached[:] = False
+        if self.o.fix_probe_power:
+            self.probe *= (self.probe_power / max(self.b.sumsq(self.b.xp.abs(self.probe)), 1e-30)) ** 0.5
 
     def _keep_positions_inside(self) -> None:
         # a common drift of all positions is a shift of the whole object, not information: remove it
@@ -309,16 +352,6 @@ class _Solver:
         n, (h, w) = self.n, tuple(self.obj.shape)
         self.pos[:, 0] = np.clip(self.pos[:, 0], n // 2, h - n + n // 2 - 1e-6)
         self.pos[:, 1] = np.clip(self.pos[:, 1], n // 2, w - n + n // 2 - 1e-6)
-
-    def _orthogonalize(self) -> None:
-        """Rotate the modes onto the eigenvectors of their Gram matrix (same total power, sorted by power)."""
-        b = self.b
-        k, n = self.probe.shape[0], self.n
-        p = b.to_numpy(self.probe).reshape(k, -1).astype(np.complex128)
-        evals, evecs = np.linalg.eigh(p @ p.conj().T)
-        order = np.argsort(evals)[::-1]
-        new = (evecs[:, order].conj().T @ p).reshape(k, n, n).astype(np.complex64)
-        self.probe[...] = b.asarray(new)
 
     def result(self, convergence: list[float], seconds: list[float]) -> EpieResult:
         b = self.b
@@ -346,7 +379,7 @@ def solve(frames: np.ndarray, positions_px: np.ndarray, probe: np.ndarray, obj: 
     conv, secs, snaps = [], [], []
     for it in range(n_iters):
         t0 = time.perf_counter()
-        e = s.iterate()
+        e = s.iterate(n_iters)
         s.b.synchronize()
         secs.append(time.perf_counter() - t0)
         conv.append(e)

@@ -132,12 +132,30 @@ def solve_sub(job: SubProblem, n_iters: int, options: EpieOptions) -> tuple[np.n
     return out, res.probe, res.convergence
 
 
-def _options(scan: ScanData, probe_init, options: EpieOptions | None, overrides: dict) -> EpieOptions:
-    """The caller's options; with none given and an estimated probe, update the probe from the start with
-    a conservative object step (a far-off probe makes the small-alpha batched update unstable)."""
+FLAT_ANNEAL_FRACTION = 0.25  # from flat: the object step decays over the last quarter of the iterations ...
+FLAT_ANNEAL_TO = 0.1         # ... to a tenth, which averages the shot noise of many positions (BENCHMARKS)
+
+
+def flat_options(n_iters: int, base: EpieOptions | None = None) -> EpieOptions:
+    """Options for a full reconstruction from a flat object: `base` with the final step annealing."""
+    return replace(base or EpieOptions(), anneal_iters=int(n_iters * FLAT_ANNEAL_FRACTION), anneal_to=FLAT_ANNEAL_TO)
+
+
+def _options(scan: ScanData, object_init, probe_init, options: EpieOptions | None, n_iters: int,
+             overrides: dict) -> EpieOptions:
+    """The caller's options, or the defaults for the case: an estimated probe is updated from the start with
+    plain rPIE and a conservative object step (a far-off probe makes the small-alpha batched update
+    unstable); a flat start anneals its last steps (flat_options); a seeded refinement runs mPIE as is."""
     estimated = (isinstance(probe_init, str) and probe_init == "estimate") or (probe_init is None
                                                                                and scan.probe is None)
-    base = options or (EpieOptions(probe_update_start=0, alpha=0.25) if estimated else EpieOptions())
+    if options is not None:
+        base = options
+    elif estimated:
+        base = EpieOptions(method="rpie", probe_update_start=0, alpha=0.25)
+    elif object_init is None:
+        base = flat_options(n_iters)
+    else:
+        base = EpieOptions()
     return replace(base, **overrides)
 
 
@@ -168,7 +186,7 @@ def refine(scan: ScanData, object_init: Reconstruction | np.ndarray | None = Non
     x0, x1) metres; only positions illuminating it are used and only its pixels change. `overrides` set
     EpieOptions fields (method, alpha, batch_size, probe_update_start, backend, …).
     """
-    opts = _options(scan, probe_init, options, overrides)
+    opts = _options(scan, object_init, probe_init, options, n_iters, overrides)
     t0 = time.perf_counter()
     obj, origin, pos, probe, dx = _prepare(scan, object_init, probe_init)
     if region is None:
@@ -216,7 +234,7 @@ def refine_tiled(scan: ScanData, object_init: Reconstruction | np.ndarray | None
     distributed.Client; else one is made from `address` (or a LocalCluster of `n_workers`) and closed after.
     Tiles that no position illuminates keep the seed. The convergence returned is the mean over tiles.
     """
-    opts = _options(scan, probe_init, options, overrides)
+    opts = _options(scan, object_init, probe_init, options, n_iters, overrides)
     t0 = time.perf_counter()
     obj, origin, pos, probe, dx = _prepare(scan, object_init, probe_init)
     jobs = []
