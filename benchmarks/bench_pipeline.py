@@ -13,6 +13,9 @@ Cases:
               a stalled subscriber (never reads, HWM) at max rate: the pipeline keeps its throughput.
   cpu         thread CPU time per frame of every stage (robust against other load on a shared machine).
   nice        helper-thread niceness 0 / 5 / 10 (serve's `nice`): efficiency and overhead p99 at 60 % load.
+  switch      GIL switch interval while streaming (serve's `switch_interval_ms`): the interpreter's 5 ms
+              against shorter ones, interleaved per round: efficiency, backend idle time between batches,
+              overhead p99 at 60 % load.
   stitch      lsq vs greedy offsets on noisy patches with random offsets; Fourier vs rounded sub-pixel
               placement of true patches; live stitcher cost per patch; offline stitch time for 1000 patches.
   stitch-cnn  the same choices on the model's own patches of simulated scans, scored against the truth.
@@ -66,6 +69,41 @@ def nice(b: Bench, repeats: int, levels: tuple[int, ...] = (0, 5, 10)) -> dict:
     return {f"nice_{n}": {"efficiency_median": statistics.median(v["ratios"]),
                           "overhead_p99_ms_60pct_median": statistics.median(v["overhead_p99_60pct"]), **v}
             for n, v in out.items()}
+
+
+def switch(b: Bench, repeats: int, levels: tuple[float | None, ...] = (None, 1.0, 0.5, 0.2)) -> dict:
+    """GIL switch interval (ms; None = the interpreter's 5 ms): efficiency, backend idle, overhead p99 at 60 %."""
+    b.bare(0.5)
+    out: dict = {lv: {"ratios": [], "idle_fraction": [], "overhead_p99_60pct": []} for lv in levels}
+    runs: list[tuple[float, float]] = []
+    be = b.backend
+    submit = be.submit
+
+    def timed_submit(*a, **kw):  # cpu backend: submit() is the inference; the gaps between are idle time
+        t0 = time.perf_counter()
+        try:
+            return submit(*a, **kw)
+        finally:
+            runs.append((t0, time.perf_counter()))
+
+    be.submit = timed_submit
+    try:
+        for _ in range(repeats):
+            for lv in levels:
+                bare = b.bare()
+                runs.clear()
+                out[lv]["ratios"].append(b.streamed(switch_interval_ms=lv)["throughput_hz"] / bare)
+                if len(runs) > 1:
+                    r = np.array(runs)
+                    out[lv]["idle_fraction"].append(float((r[1:, 0] - r[:-1, 1]).sum() / (r[-1, 1] - r[0, 0])))
+                paced = b.streamed(rate_hz=0.6 * bare, switch_interval_ms=lv)
+                out[lv]["overhead_p99_60pct"].append(paced["latency_ms"]["overhead"]["p99"])
+    finally:
+        del be.submit  # back to the class's method
+    return {f"switch_{'interpreter' if lv is None else f'{lv}ms'}": {
+        "efficiency_median": statistics.median(v["ratios"]),
+        "backend_idle_between_batches_median": statistics.median(v["idle_fraction"]) if v["idle_fraction"] else None,
+        "overhead_p99_ms_60pct_median": statistics.median(v["overhead_p99_60pct"]), **v} for lv, v in out.items()}
 
 
 def rates(b: Bench, bare_hz: float) -> dict:
@@ -195,12 +233,13 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--only", choices=["efficiency", "rates", "nice", "stitch", "stitch-cnn"], action="append")
+    ap.add_argument("--only", choices=["efficiency", "rates", "nice", "switch", "stitch", "stitch-cnn"],
+                    action="append")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    only = set(args.only or ["efficiency", "rates", "nice", "stitch", "stitch-cnn"])
+    only = set(args.only or ["efficiency", "rates", "nice", "switch", "stitch", "stitch-cnn"])
     res: dict = {}
-    if only & {"efficiency", "rates", "nice"}:
+    if only & {"efficiency", "rates", "nice", "switch"}:
         b = Bench(args.model, args.backend, args.batch, args.frames, args.threads)
         res["setup"] = {"model": b.art.name, "backend": b.backend.name, "batch": args.batch, "frames": args.frames}
         try:
@@ -208,6 +247,8 @@ def main() -> None:
                 res["efficiency"] = efficiency(b, args.repeats)
             if "nice" in only:
                 res["nice"] = nice(b, args.repeats)
+            if "switch" in only:
+                res["switch"] = switch(b, args.repeats)
             if "rates" in only:
                 bare = statistics.median(res["efficiency"]["bare_hz"]) if "efficiency" in res else b.bare()
                 res["rates"] = rates(b, bare)

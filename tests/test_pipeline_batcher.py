@@ -131,3 +131,48 @@ def test_preprocess_into_a_batch_matches_the_reference_and_leaves_frames_alone(b
     np.testing.assert_allclose(batch[2:7, 0], ref, rtol=2e-6)
     assert (batch[:2] == -1).all() and (batch[7:] == -1).all()
     np.testing.assert_array_equal(frames, keep)
+
+
+def test_each_series_is_preprocessed_with_its_own_detector_mask(setup):
+    """A new series can bring a new mask: frames still queued from the previous series keep theirs."""
+    art, ring, pool, port, batcher, frames, thread = setup
+    size = frames.shape[-1]
+    masks = {0: np.zeros((size, size), np.uint32), 1: np.zeros((size, size), np.uint32)}
+    masks[0][:, :3] = 1
+    masks[1][5:9, :] = 1
+    asked = []
+    batcher.mask_provider = lambda sid: asked.append(sid) or masks[sid]
+    for k in range(16):  # both series are in the ring before the batcher looks at either
+        slot = ring.acquire_write()
+        ring.slot_view(slot)[...] = frames[k]
+        ring.commit(slot, k, series_id=k // 8)
+    thread.start()
+    first, second = port.get(), port.get()
+    np.testing.assert_allclose(first.inputs[:8], preprocess(frames[:8], art.preprocess, masks[0]), rtol=1e-6)
+    np.testing.assert_allclose(second.inputs[:8], preprocess(frames[8:16], art.preprocess, masks[1]), rtol=1e-6)
+    assert asked == [0, 1]  # looked up once per series, not per frame or batch
+
+
+def test_a_take_spanning_two_series_splits_at_the_change(setup):
+    art, ring, pool, port, batcher, frames, thread = setup
+    size = frames.shape[-1]
+    masks = {3: np.zeros((size, size), np.uint32), 4: np.ones((size, size), np.uint32)}
+    batcher.mask_provider = masks.get
+    for k in range(8):  # no end marker between the series (a detector that skipped its end message)
+        slot = ring.acquire_write()
+        ring.slot_view(slot)[...] = frames[k]
+        ring.commit(slot, k, series_id=3 if k < 5 else 4)
+    thread.start()
+    got = port.get()
+    np.testing.assert_allclose(got.inputs[:5], preprocess(frames[:5], art.preprocess, masks[3]), rtol=1e-6)
+    np.testing.assert_allclose(got.inputs[5:8], preprocess(frames[5:8], art.preprocess, masks[4]), rtol=1e-6)
+
+
+def test_runs_are_preprocessed_in_cache_sized_chunks_with_the_same_result(setup):
+    art, ring, pool, port, batcher, frames, thread = setup
+    assert batcher.chunk >= 1
+    batcher.chunk = 3  # 8 frames per batch → calls of 3, 3, 2 frames
+    _commit(ring, frames[:8])
+    thread.start()
+    got = port.get()
+    np.testing.assert_allclose(got.inputs[:8], preprocess(frames[:8], art.preprocess), rtol=1e-6)

@@ -50,3 +50,32 @@ def test_published_records_intervals_and_overhead():
     st = t.status()
     assert st["latency_ms"]["overhead"]["count"] == 4
     assert t.status()["latency_recent_ms"]["overhead"]["count"] == 0  # "recent" resets at each status
+
+
+def test_published_bins_every_interval_exactly_as_record_would():
+    tel = Telemetry(256)
+    rng = np.random.default_rng(4)
+    seq = np.arange(40)
+    t0 = rng.uniform(0, 1, 40)
+    tel.received(seq, t0 + tel.wall.offset)
+    tel.stamp("batched", seq, t0 + rng.uniform(0, 0.01, 40))
+    tel.stamp("submitted", seq, t0 + 0.02)
+    tel.stamp("inferred", seq[:30], t0[:30] + 0.05)  # 10 frames never inferred: NaN intervals are skipped
+    t_det = np.where(np.arange(40) % 2, np.nan, t0 - 0.001 + tel.wall.offset)
+    tel.published(seq, t=2.0, t_detector=t_det)
+    rows = tel.clock.t[seq]
+    i = tel.clock.index
+    ref = {"receive_to_batched": rows[:, i["batched"]] - rows[:, i["received"]],
+           "batched_to_inferred": rows[:, i["inferred"]] - rows[:, i["batched"]],
+           "inferred_to_published": rows[:, i["published"]] - rows[:, i["inferred"]],
+           "receive_to_published": rows[:, i["published"]] - rows[:, i["received"]],
+           "detector_to_published": tel.wall.to_unix(2.0) - t_det}
+    ref["overhead"] = (ref["receive_to_published"] - ref["receive_to_batched"]
+                       - (rows[:, i["inferred"]] - rows[:, i["submitted"]]))
+    for name, v in ref.items():
+        h = LatencyHistogram()
+        h.record(v)
+        for got in (tel.hist[name], tel.recent[name]):
+            assert got.total == h.total and np.array_equal(got.counts, h.counts), name
+            assert got.sum == pytest.approx(h.sum) and got.max == h.max
+    assert tel.hist["batched_to_inferred"].total == 30 and tel.hist["detector_to_published"].total == 20

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved bare/streamed rounds (pipeline)")
     parser.add_argument("--threads", type=int, help="cpu backend intra-op threads (default: physical cores)")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the pipeline's helper threads (serve's `nice`)")
+    parser.add_argument("--switch-interval-ms", type=_switch_ms, default=None, metavar="MS",
+                        help="GIL switch interval while streaming (serve's `switch_interval_ms`; default "
+                             "the service's; 'none' keeps the interpreter's 5 ms)")
     parser.add_argument("--preset", default="siemens-star", help="simulation preset (simulate)")
     parser.add_argument("--positions", type=int, default=1000, help="scan positions (simulate)")
 
@@ -77,6 +80,12 @@ class Bench:
         self.bare_cpu_us = 1e6 * (time.process_time() - c0) / n  # all threads of the process, per frame
         return n / (time.perf_counter() - t0)
 
+    def setup(self) -> dict[str, Any]:
+        """What bare and streamed share (one backend object): model, batch, intra-op threads, preprocessing."""
+        return {"model": self.art.name, "model_sha256": str(self.art.metadata.get("sha256", "")),
+                "batch": int(self.backend.input_spec.shape[0]), "threads": getattr(self.backend, "threads", None),
+                "preprocess": repr(self.art.preprocess)}
+
     def _consumer(self) -> tuple[Any, Any]:
         """The publisher and a subscriber in another process (a consumer's CPU is not the service's)."""
         if self._pub is None:
@@ -101,13 +110,15 @@ class Bench:
         return self._conn.recv()
 
     def streamed(self, rate_hz: float | None = None, policy: str = "backpressure", slots: int | None = None,
-                 stalled_subscriber: bool = False, max_wait_ms: float = 5.0, nice: int = 0) -> dict[str, Any]:
+                 stalled_subscriber: bool = False, max_wait_ms: float = 5.0, nice: int = 0,
+                 switch_interval_ms: Any = "default") -> dict[str, Any]:
         """One pass of every frame through the whole service (ArraySource → … → PUB, live stitch).
 
         The patches go to a subscriber process that returns the frame ids it got; `stalled_subscriber`
         instead connects one that never reads (its queues fill at the high-water mark).
+        `switch_interval_ms`: "default" = the service's default, None = the interpreter's own setting.
         """
-        from edgeptycho.pipeline.runner import BatcherConfig, Pipeline, ScanInfo
+        from edgeptycho.pipeline.runner import DEFAULT_SWITCH_MS, BatcherConfig, Pipeline, ScanInfo
         from edgeptycho.stream.publish import Publisher, Subscriber
         from edgeptycho.stream.ring import RingConfig
         from edgeptycho.stream.sources.replay import ArraySource
@@ -122,7 +133,8 @@ class Bench:
         info = ScanInfo(self.positions_px, self.scan.object_pixel_m, self.scan.probe)
         pipe = Pipeline(src, self.backend, self.art.preprocess, self.art.output_size,
                         RingConfig(slots=slots or 4 * self.batch, policy=policy), scan=info, publisher=pub,
-                        batcher=BatcherConfig(max_wait_ms=max_wait_ms), model_info=self.art.metadata, nice=nice)
+                        batcher=BatcherConfig(max_wait_ms=max_wait_ms), model_info=self.art.metadata, nice=nice,
+                        switch_interval_ms=DEFAULT_SWITCH_MS if switch_interval_ms == "default" else switch_interval_ms)
         try:
             c0 = time.process_time()
             pipe.start(warmup=False)  # bare() warmed the backend; a warm-up batch would bias the CPU figure
@@ -187,23 +199,42 @@ def _lat(rep: dict[str, Any]) -> dict[str, Any]:
     return {k: {"p50": rep["latency_ms"][k]["p50"], "p99": rep["latency_ms"][k]["p99"]} for k in keep}
 
 
+def _switch_ms(text: str) -> Any:
+    """--switch-interval-ms: a number of ms, or 'none' (keep the interpreter's setting)."""
+    if text.lower() in ("none", "null", "off"):
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds or 'none', got {text!r}") from None
+
+
 def bench_pipeline(model: str, backend: str = "cpu", batch: int = 32, frames: int = 1024, repeats: int = 3,
-                   threads: int | None = None, nice: int = 0) -> dict[str, Any]:
-    """Bare vs streamed throughput in interleaved rounds (median ratio), then latencies at 90 % load."""
+                   threads: int | None = None, nice: int = 0, switch_interval_ms: Any = "default") -> dict[str, Any]:
+    """Bare vs streamed throughput in interleaved rounds (median ratio), then latencies at 60 and 90 % load.
+
+    Both sides use the one backend object (same model file, batch, intra-op threads) and the model's own
+    preprocessing; bare runs on frames preprocessed once, so it is the backend alone.
+    """
+    from edgeptycho.pipeline.runner import DEFAULT_SWITCH_MS
+
+    sw = None if switch_interval_ms == "none" else switch_interval_ms
     b = Bench(model, backend, batch, frames, threads)
     try:
         b.bare(0.5)  # warm caches and the thread pool
         bare, streamed, ratios, cpu_ratios, last = [], [], [], [], None
         for _ in range(repeats):
             bare.append(b.bare())
-            last = b.streamed(nice=nice)
+            last = b.streamed(nice=nice, switch_interval_ms=sw)
             streamed.append(last["throughput_hz"])
             ratios.append(streamed[-1] / bare[-1])
             cpu_ratios.append(b.bare_cpu_us / last["process_cpu_us_per_frame"])
-        paced = {f"{int(100 * f)}pct": b.streamed(rate_hz=f * statistics.median(bare), nice=nice)
+        paced = {f"{int(100 * f)}pct": b.streamed(rate_hz=f * statistics.median(bare), nice=nice,
+                                                  switch_interval_ms=sw)
                  for f in (0.6, 0.9)}
         return {
             "model": b.art.name, "backend": b.backend.name, "batch": batch, "frames": frames, "nice": nice,
+            "setup": b.setup(), "switch_interval_ms": DEFAULT_SWITCH_MS if sw == "default" else sw,
             "bare_hz": bare, "streamed_hz": streamed, "efficiency": statistics.median(ratios),
             # CPU-bound devices: bare CPU per frame ÷ streamed CPU per frame (all threads), robust to other load
             "efficiency_cpu": statistics.median(cpu_ratios),
@@ -231,11 +262,14 @@ def run(args: argparse.Namespace) -> int:
         finally:
             sys.argv = argv
         return 0
-    res = bench_pipeline(args.model, args.backend, args.batch, args.frames, args.repeats, args.threads, args.nice)
+    res = bench_pipeline(args.model, args.backend, args.batch, args.frames, args.repeats, args.threads, args.nice,
+                         "default" if args.switch_interval_ms is None else args.switch_interval_ms)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"{res['model']} on {res['backend']}, batch {res['batch']}, {res['frames']} frames per run")
+    print(f"{res['model']} on {res['backend']}, batch {res['batch']}, {res['setup']['threads']} intra-op threads, "
+          f"{res['frames']} frames per run, GIL switch interval while streaming: "
+          + (f"{res['switch_interval_ms']} ms" if res["switch_interval_ms"] else "the interpreter's"))
     print(f"bare backend:   {', '.join(f'{v:.1f}' for v in res['bare_hz'])} patterns/s")
     print(f"streamed:       {', '.join(f'{v:.1f}' for v in res['streamed_hz'])} patterns/s")
     print(f"efficiency:     {res['efficiency']:.3f} (median of streamed/bare per round); CPU-time efficiency "

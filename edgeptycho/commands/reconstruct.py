@@ -26,8 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stitch", choices=("lsq", "greedy", "none"), default="lsq",
                         help="phase-offset reconciliation between overlapping patches")
     parser.add_argument("--refine-iters", type=int, default=0, metavar="N",
-                        help="N rPIE iterations seeded by the CNN's stitched object and the scan's probe "
-                             "(default 0; with --model none: default 200)")
+                        help="N mPIE iterations seeded by the CNN's stitched object and the scan's probe "
+                             "(default 0; with --model none: default 200, the last quarter with annealed steps)")
+    parser.add_argument("--refine-method", choices=("mpie", "rpie", "epie"), default=None,
+                        help="iterative algorithm (default: mpie; rpie for a probe estimated from the data); "
+                             "see docs/refinement.md")
     parser.add_argument("--out", type=Path, required=True, help="output CXI reconstruction")
 
 
@@ -56,9 +59,10 @@ def check_geometry(artifact: Any, frame_size: int) -> float:
 
 
 def infer_scan(scan: Any, artifact: Any, backend: str = "cpu", batch: int = 32, precision: str = "fp32",
-               **opts: Any) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+               on_batch: Any = None, **opts: Any) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Amplitude and phase patches (N, M, M) float32 of every frame; preprocessing writes straight into the
-    backend's input batch. Returns (amplitude, phase, seconds per stage)."""
+    backend's input batch. Returns (amplitude, phase, seconds per stage). `on_batch(s, frames, amp, phase)`
+    sees each batch's raw frames while they are in memory (the residual of reconstruct_scan)."""
     from ..hw import open_backend
     from ..model.preprocess import preprocess_into
 
@@ -81,6 +85,9 @@ def infer_scan(scan: Any, artifact: Any, backend: str = "cpu", batch: int = 32, 
             amp[s:e] = out["amplitude"][: e - s, 0]
             phase[s:e] = out["phase"][: e - s, 0]
             t3 = time.perf_counter()
+            if on_batch is not None:  # timed apart: the inference figures stay comparable
+                on_batch(s, frames, amp[s:e], phase[s:e])
+                times["residual"] = times.get("residual", 0.0) + time.perf_counter() - t3
             times["read"] += t1 - t0
             times["preprocess"] += t2 - t1
             times["infer"] += t3 - t2
@@ -88,8 +95,14 @@ def infer_scan(scan: Any, artifact: Any, backend: str = "cpu", batch: int = 32, 
 
 
 def reconstruct_scan(scan: Any, model: str | Path = "default", backend: str = "cpu", batch: int = 32,
-                     precision: str = "fp32", method: str = "lsq", **opts: Any) -> tuple[Any, dict[str, float]]:
-    """A ScanData (frames may be on disk) → a stitched Reconstruction and the seconds spent per stage."""
+                     precision: str = "fp32", method: str = "lsq", keep: dict | None = None,
+                     residual_every: int = 1, **opts: Any) -> tuple[Any, dict[str, float]]:
+    """A ScanData (frames may be on disk) → a stitched Reconstruction and the seconds spent per stage.
+
+    `keep`: a dict that receives the StitchResult ("stitch", with the uncertainty's feature maps) and the
+    per-frame residuals ("residual", None without a probe) for benchmarks. `residual_every`: the residual
+    (for the uncertainty map) of one frame in N only, as the live pipeline's `quality.every` (others NaN).
+    """
     from ..model.artifact import ModelArtifact
     from ..physics.types import Reconstruction
     from ..pipeline.stitcher import stitch
@@ -99,14 +112,27 @@ def reconstruct_scan(scan: Any, model: str | Path = "default", backend: str = "c
     factor = check_geometry(art, scan.frame_size)
     dx = scan.object_pixel_m * factor
     t_load = time.perf_counter() - t0
-    amp, phase, times = infer_scan(scan, art, backend, batch, precision, **opts)
+    residual = on_batch = None
+    if scan.probe is not None and factor == 1:  # the residual needs the probe on the patch's pixel grid
+        from ..pipeline.quality import ForwardResidual
+
+        fr = ForwardResidual(scan.probe, art.output_size, mask=scan.mask)
+        residual = np.full(scan.n_frames, np.nan, np.float32)
+
+        def on_batch(s: int, frames: np.ndarray, a: np.ndarray, p: np.ndarray) -> None:  # for the σ map
+            k = np.arange((-s) % residual_every, len(a), residual_every)
+            if k.size:
+                residual[s + k] = fr(frames[k], a[k], p[k])
+    amp, phase, times = infer_scan(scan, art, backend, batch, precision, on_batch, **opts)
     t1 = time.perf_counter()
     weight, weight_source = stitch_weight(art, scan.probe, scan.frame_size)
-    res = stitch(amp, phase, scan.positions_m / dx, weight, method=method)
+    res = stitch(amp, phase, scan.positions_m / dx, weight, method=method, residual=residual)
     times = {"load_model": t_load, **times, "stitch": time.perf_counter() - t1}
+    if keep is not None:
+        keep.update(stitch=res, residual=residual)
     recon = Reconstruction(
         object=res.object, pixel_m=dx, positions_m=scan.positions_m,
-        origin_m=(res.origin_px[0] * dx, res.origin_px[1] * dx),
+        origin_m=(res.origin_px[0] * dx, res.origin_px[1] * dx), uncertainty=res.uncertainty,
         metrics={f"seconds_{k}": v for k, v in times.items()} | {"n_frames": scan.n_frames},
         program={"program": "edgeptycho reconstruct", "model": art.name, "model_sha256": art.sha256,
                  "backend": backend, "precision": precision, "stitch": method, "stitch_weight": weight_source},
@@ -134,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
             # Refinement sweeps every frame many times: read them from disk once.
             t_r = time.perf_counter()
             seed_program = recon.program if recon is not None else {"program": "edgeptycho reconstruct", "model": "none"}
-            refined = refine(scan.to_scan(), recon, n_iters=n_iters)
+            method = {"method": args.refine_method} if args.refine_method else {}
+            refined = refine(scan.to_scan(), recon, n_iters=n_iters, **method)
             refined.program = {**seed_program, **refined.program, "refine_iters": str(n_iters)}
             refined.metrics = {**(recon.metrics if recon is not None else {}), **refined.metrics}
             times["refine"] = time.perf_counter() - t_r

@@ -215,7 +215,8 @@ def build_pipeline(cfg: ServeConfig, publisher: Any = None) -> Pipeline:
             publisher = Publisher(cfg.publish.endpoint, cfg.publish.sndhwm, cfg.publish.count_drops)
         pipe = Pipeline(source, backend, art.preprocess, art.output_size, cfg.ring, frame, info, publisher,
                         cfg.batcher, cfg.backend.inflight, cfg.stitch, cfg.output, art.metadata, allocator,
-                        cfg.publish.status_hz, cfg.scan_id, cfg.nice)
+                        cfg.publish.status_hz, cfg.scan_id, cfg.nice, quality=cfg.quality,
+                        switch_interval_ms=cfg.switch_interval_ms)
     except BaseException:
         backend.close()
         raise

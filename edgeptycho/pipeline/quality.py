@@ -182,10 +182,12 @@ class QualityMonitor:
 
     Threshold: a fixed `threshold` when given, else median + k_mad·1.4826·MAD of the last `window` residuals
     (robust to the outliers it is meant to catch); no frame is flagged before `warmup` residuals are seen.
+    auto=False: no threshold given means no flags (the serve loop's `quality.threshold: null` = off).
     """
 
     residual: ForwardResidual
     threshold: float | None = None
+    auto: bool = True
     k_mad: float = 4.0
     window: int = 2048
     warmup: int = 64
@@ -197,7 +199,7 @@ class QualityMonitor:
     def current_threshold(self) -> float | None:
         if self.threshold is not None:
             return self.threshold
-        if len(self._recent) < self.warmup:
+        if not self.auto or len(self._recent) < self.warmup:
             return None
         r = np.fromiter(self._recent, np.float64)
         med = float(np.median(r))

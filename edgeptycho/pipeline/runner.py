@@ -1,4 +1,4 @@
-"""The serve loop: settings, assembling source → ring → batcher → backend → sinks, running and stopping it."""
+"""The serve loop: assembling source → ring → batcher → backend → sinks, running and stopping it."""
 
 from __future__ import annotations
 
@@ -7,18 +7,29 @@ import math
 import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-from edgeptycho.config import from_mapping, load_yaml
 from edgeptycho.hw.base import Backend
 from edgeptycho.stream.ring import FrameRing, RingConfig
 from edgeptycho.stream.sources.base import Source
 
 from .batcher import Batcher, BatchPool
+from .settings import (  # noqa: F401  (re-exported: the settings were defined here before)
+    DEFAULT_SWITCH_MS,
+    BackendConfig,
+    BatcherConfig,
+    OutputConfig,
+    PublishConfig,
+    ServeConfig,
+    SourceConfig,
+    StitchConfig,
+    _check_switch,
+    _SwitchInterval,
+)
 from .stages import (
     Geometry,
     InferStage,
@@ -31,113 +42,9 @@ from .stages import (
 )
 from .stitcher import StitchResult, canvas_for, probe_weight
 from .telemetry import Telemetry
+from .trust import QualityConfig, QualityStage, QualityTap
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SourceConfig:
-    """Where frames come from. replay: a CXI/HDF5 `path`; array: an .npy/.npz `path` held in memory; tcp:
-    listen on `endpoint` (tcp://127.0.0.1:PORT); shm: a ReplaySource on `path` in a child process, or an
-    external producer connecting to the Unix socket `endpoint`; dectris-v1/-v2: a PULL client of the
-    detector's stream at `endpoint`, with scan positions from the `positions` file."""
-
-    kind: Literal["replay", "tcp", "shm", "array", "dectris-v1", "dectris-v2"] = "replay"
-    path: str | None = None
-    rate_hz: float | None = None  # replay/array pacing; null = as fast as the ring takes them
-    endpoint: str | None = None
-    frame_shape: list[int] | None = None  # tcp/shm without a file: detector (H, W); default: the model's
-    dtype: str = "uint32"  # tcp/shm without a file: pixel dtype
-    pixel_m: float | None = None  # object pixel size (m) when the source does not carry it
-    positions: str | None = None  # dectris: scan positions by frame id (CXI, .npy or text; PositionTable)
-
-    def __post_init__(self) -> None:
-        if self.kind in ("replay", "array") and not self.path:
-            raise ValueError(f"source.kind '{self.kind}' needs source.path")
-        if self.rate_hz is not None and self.rate_hz <= 0:
-            raise ValueError(f"source.rate_hz must be > 0 or null, got {self.rate_hz}")
-        if self.frame_shape is not None and (len(self.frame_shape) != 2 or min(self.frame_shape) < 1):
-            raise ValueError(f"source.frame_shape must be [H, W], got {self.frame_shape}")
-
-
-@dataclass
-class BackendConfig:
-    name: str = "cpu"
-    batch: int = 32
-    precision: str = "fp32"
-    inflight: int = 2  # batches submitted ahead where the backend is asynchronous
-    threads: int | None = None  # cpu: intra-op threads (default: physical cores)
-
-    def __post_init__(self) -> None:
-        if self.batch < 1 or self.inflight < 1:
-            raise ValueError("backend.batch and backend.inflight must be >= 1")
-
-
-@dataclass
-class BatcherConfig:
-    max_wait_ms: float = 5.0  # flush a partial batch when its oldest frame has waited this long
-    pool: int = 4  # preallocated input/output batches (>= 2: one fills while one infers)
-
-    def __post_init__(self) -> None:
-        if self.max_wait_ms < 0 or self.pool < 2:
-            raise ValueError("batcher.max_wait_ms must be >= 0 and batcher.pool >= 2")
-
-
-@dataclass
-class PublishConfig:
-    endpoint: str = "tcp://127.0.0.1:5560"
-    sndhwm: int = 1000  # messages queued per subscriber before ZeroMQ drops for that subscriber
-    enabled: bool = True
-    count_drops: bool = False  # true: a full subscriber makes sends fail (counted) for everyone
-    status_hz: float = 1.0
-
-
-@dataclass
-class StitchConfig:
-    mosaic_hz: float = 10.0
-    probe: str | None = None  # probe file for the blending weight (default: the scan file's, else Gaussian)
-    canvas_px: list[int] | None = None  # live canvas (H, W); default: the scan's extent, else 1024² on the first patch
-    # Live mosaics larger than this are decimated: a display at 10 Hz needs no more, and an 830-px float32
-    # amplitude + phase pair costs ~1 ms of copying per message. The end-of-scan mosaic goes out whole.
-    mosaic_max_px: int = 512
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.mosaic_hz <= 100:
-            raise ValueError(f"stitch.mosaic_hz must be in [0, 100], got {self.mosaic_hz}")
-
-
-@dataclass
-class OutputConfig:
-    cxi: str | None = None  # final reconstruction per series; "{series}" in the name is the series id
-    keep_max: int = 16384  # patches kept per series for the final offline stitch (else the live mosaic)
-
-
-@dataclass
-class ServeConfig:
-    """`edgeptycho serve` settings (configs/serve.yaml documents every key)."""
-
-    source: SourceConfig = field(default_factory=lambda: SourceConfig(kind="tcp"))
-    ring: RingConfig = field(default_factory=RingConfig)
-    model: str = "default"
-    backend: BackendConfig = field(default_factory=BackendConfig)
-    batcher: BatcherConfig = field(default_factory=BatcherConfig)
-    publish: PublishConfig = field(default_factory=PublishConfig)
-    stitch: StitchConfig = field(default_factory=StitchConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    scan_id: str = ""
-    # Niceness of the service's helper threads (source, batcher, sinks), not of the inference thread: > 0
-    # lets the backend win a saturated CPU (docs/BENCHMARKS.md, "Streaming pipeline", measures the trade).
-    nice: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.nice <= 19:
-            raise ValueError(f"nice must be in 0..19, got {self.nice}")
-
-    @classmethod
-    def load(cls, path: str | Path) -> ServeConfig:
-        """Read and validate a YAML file; ConfigError names the offending key."""
-        return from_mapping(cls, load_yaml(path))
-
 
 @dataclass
 class ScanInfo:
@@ -166,7 +73,8 @@ class Pipeline:
                  scan: ScanInfo | None = None, publisher: Any = None, batcher: BatcherConfig | None = None,
                  inflight: int = 2, stitch: StitchConfig | None = None, output: OutputConfig | None = None,
                  model_info: dict[str, Any] | None = None, ring_allocator: Any = None, status_hz: float = 1.0,
-                 scan_id: str = "", nice: int = 0):
+                 scan_id: str = "", nice: int = 0, quality: QualityConfig | None = None,
+                 switch_interval_ms: float | None = DEFAULT_SWITCH_MS):
         self.source, self.backend, self.spec = source, backend, preprocess
         self.publisher, self.model_info = publisher, model_info or {}
         bcfg, self.stitch_cfg, self.output = batcher or BatcherConfig(), stitch or StitchConfig(), output or OutputConfig()
@@ -181,6 +89,7 @@ class Pipeline:
         ring_cfg = ring_cfg or RingConfig()
         self.ring = FrameRing.from_config(ring_cfg, (h, w), dtype, ring_allocator)
         self.pool = BatchPool(backend, bcfg.pool)
+        self.pool_size = bcfg.pool
         B = self.pool.batch_size
         self.telemetry = Telemetry(max(1 << 16, 4 * (ring_cfg.slots + bcfg.pool * B)))
         self.halt = threading.Event()  # hard stop: quit without draining
@@ -203,10 +112,11 @@ class Pipeline:
         self.batcher = Batcher(self.ring, self.pool, self.p_batch, preprocess, self.telemetry,
                                bcfg.max_wait_ms / 1e3, mask=scan.mask, scale=scale, stop=self.halt,
                                gate=self.infer)
-        if scan.mask is None and hasattr(source, "mask"):  # detector sources learn the mask per series
-            self.batcher.mask_provider = lambda: getattr(source, "mask", None)
+        if scan.mask is None:  # detector sources learn the mask per series, from its header
+            self.batcher.mask_provider = getattr(source, "mask_for", None)
         self.pub_lock = threading.Lock()
-        self.post = PostStage(self.p_post, self.pool, self.telemetry, self.weight, self.geometry, publisher,
+        self.quality = self._quality_stage(quality, scan, m, w, factor, dtype)
+        self.post = PostStage(self.p_check if self.quality else self.p_post, self.pool, self.telemetry, self.weight, self.geometry, publisher,
                               self.pub_lock, self.p_write, self.output.keep_max, self.halt)
         self.writer = SeriesWriter(self.p_write, self.weight, self.geometry, self._on_series, self.halt)
         self.monitor_done = threading.Event()
@@ -232,7 +142,25 @@ class Pipeline:
         if not 0 <= nice <= 19:
             raise ValueError(f"nice must be in 0..19, got {nice}")
         self.nice = int(nice)
+        _check_switch(switch_interval_ms)
+        self.switch_interval_ms = switch_interval_ms
+        self._switch_held = False
         self.process_cpu_at_end: dict[str, float] = {}  # process CPU clock when each stage ended
+
+    def _quality_stage(self, cfg: QualityConfig | None, scan: ScanInfo, m: int, frame: int, factor: float,
+                       dtype: Any) -> QualityStage | None:
+        """The residual / fallback stage between inference and postprocessing (pipeline.trust), if it can run."""
+        if cfg is None or not cfg.enabled:
+            return None
+        if scan.probe is None or factor != 1.0:
+            log.warning("quality monitor off: it needs the probe%s", "" if scan.probe is None else
+                        " and a model whose patch pixel is the frame's object pixel (crop 0)")
+            return None
+        self.p_check = Port("checked", self.pool_size)
+        stage = QualityStage(self.p_post, self.p_check, cfg, scan.probe, m, frame, self.geometry,
+                             lambda: self.post.stitcher, scan.mask, self.halt)
+        self.batcher.tap = QualityTap(cfg.every, self.pool.batch_size, (frame, frame), dtype, stage.backlogged)
+        return stage
 
     # --- sinks at the end of a series ---------------------------------------------------------------
     def cxi_path(self, series_id: int) -> Path | None:
@@ -245,11 +173,13 @@ class Pipeline:
         return p if not self.written else p.with_name(f"{p.stem}-s{series_id}{p.suffix}")
 
     def _on_series(self, rec: SeriesRecord, result: StitchResult) -> None:
+        if self.quality is not None:  # refined regions go into the final image too
+            self.quality.apply_refined(rec.series_id, result.object)
         self.results[rec.series_id] = result
         if self.publisher is not None:  # the final (offline-reconciled) image replaces the live one
             publish_mosaic(self.publisher, self.pub_lock, np.abs(result.object), np.angle(result.object),
                            result.origin_px, self.geometry, rec.n, max(result.object.shape),
-                           {"final": True, "series_id": rec.series_id})
+                           {"final": True, "series_id": rec.series_id}, result.uncertainty)
         path = self.cxi_path(rec.series_id)
         if path is not None:
             from edgeptycho.io.cxi import write_reconstruction
@@ -267,7 +197,7 @@ class Pipeline:
         pos_m = (np.concatenate(rec.meta)["position_m"] if rec is not None and rec.meta else np.zeros((0, 2)))
         return Reconstruction(
             object=result.object, pixel_m=pixel if math.isfinite(pixel) else 0.0, positions_m=pos_m,
-            probe=self.probe, origin_m=(result.origin_px[0] * pixel, result.origin_px[1] * pixel)
+            probe=self.probe, uncertainty=result.uncertainty, origin_m=(result.origin_px[0] * pixel, result.origin_px[1] * pixel)
             if math.isfinite(pixel) else (0.0, 0.0),
             program={"stage": "cnn stream + stitch", "model": str(self.model_info.get("name", "")),
                      "model_sha256": str(self.model_info.get("sha256", "")), "backend": self.backend.name})
@@ -300,9 +230,14 @@ class Pipeline:
             slot = self.pool.slots[0]
             slot.inputs[...] = 0
             self.backend.wait(self.backend.submit(slot.inputs, slot.outputs, n=len(slot.inputs)))
+        if self.switch_interval_ms is not None and not self._switch_held:
+            _SwitchInterval.acquire(self.switch_interval_ms / 1e3)
+            self._switch_held = True
         self.t_start = time.perf_counter()
-        stages = [("batcher", self.batcher.run), ("infer", self.infer.run), ("post", self.post.run),
-                  ("writer", self.writer.run)] + ([("monitor", self.monitor.run)] if self.monitor else [])
+        stages = ([("batcher", self.batcher.run), ("infer", self.infer.run)]
+                  + ([("quality", self.quality.run)] if self.quality else [])
+                  + [("post", self.post.run), ("writer", self.writer.run)]
+                  + ([("monitor", self.monitor.run)] if self.monitor else []))
         for name, target in stages:
             t = threading.Thread(target=self._timed(name, target), name=f"pipeline-{name}", daemon=True)
             t.start()
@@ -318,21 +253,29 @@ class Pipeline:
         self.ring.close_input()
         if hard:
             self.halt.set()
+            self._release_switch()
+
+    def _release_switch(self) -> None:
+        if self._switch_held:
+            self._switch_held = False
+            _SwitchInterval.release()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the stream is over and every stage has drained; True when done."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads[:4]:  # batcher, infer, post, writer: in flow order
+        n_flow = 5 if self.quality else 4
+        for t in self._threads[:n_flow]:  # batcher, infer, (quality,) post, writer: in flow order
             while t.is_alive():
                 t.join(0.1 if deadline is None else max(min(0.1, deadline - time.monotonic()), 0))
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
         self.t_end = time.perf_counter()
         self.monitor_done.set()
-        for t in self._threads[4:]:
+        for t in self._threads[n_flow:]:
             t.join()
         if self._source_thread is not None:
             self._source_thread.join(1.0)
+        self._release_switch()
         if self.publisher is not None:
             with self.pub_lock:
                 self.publisher.publish_status({**self.status(), "final": True})
@@ -359,6 +302,8 @@ class Pipeline:
                     "inferred": self.p_post.depth(), "writer": self.p_write.depth(), "pool_free": self.pool.free},
             batcher=dict(self.batcher.counters), post=dict(self.post.counters),
             source=self.source.counters(), backend=self.backend.name, precision=self.backend.precision)
+        if self.quality is not None:
+            out["quality"] = self.quality.status()
         return out
 
     def report(self) -> dict[str, Any]:
@@ -387,8 +332,10 @@ class Pipeline:
     def copies_per_frame(self) -> dict[str, float]:
         """Payload copies per frame between the ring slot and the backend input (the preprocess write is one)."""
         n = max(self.batcher.counters["frames"], 1)
+        tap = self.batcher.tap  # the quality monitor's copies of the frames it checks: not the payload path
         return {"slot_to_input": (self.batcher.counters["payload_writes"] + self.batcher.counters["gathers"]) / n,
-                "gathers": self.batcher.counters["gathers"] / n}
+                "gathers": self.batcher.counters["gathers"] / n,
+                "quality_copies": (tap.copied / n) if tap is not None else 0.0}
 
 
 def _gaussian(n: int, fwhm: float) -> np.ndarray:

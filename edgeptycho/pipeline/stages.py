@@ -66,8 +66,11 @@ class InferStage:
             return self._cond.wait_for(self.ready, timeout)
 
     def _changed(self) -> None:
+        # Wake the batcher only when a flush could now start at once: a needless wake-up, e.g. right after
+        # taking a batch, when the backend is about to be busy, competes with the submit for the GIL and a core.
         with self._cond:
-            self._cond.notify_all()
+            if self.ready():
+                self._cond.notify_all()
 
     def run(self) -> None:
         pending: collections.deque[BatchSlot] = collections.deque()
@@ -132,6 +135,7 @@ class SeriesRecord:
     amplitude: list[np.ndarray] = field(default_factory=list)
     phase: list[np.ndarray] = field(default_factory=list)
     meta: list[np.ndarray] = field(default_factory=list)
+    residual: list[np.ndarray] = field(default_factory=list)  # per batch, NaN where not checked (σ map)
     n: int = 0
     truncated: bool = False
     stitcher: LiveStitcher | None = None
@@ -178,27 +182,32 @@ class PostStage:
             self.counters["series"] += 1
         if self.publisher is not None:
             t_inf = self.telemetry.wall.to_unix(slot.t_inferred)
+            res = slot.extra.get("residual")  # QualityStage's, when it runs (NaN: not checked)
             with self.pub_lock:
-                sent = self.publisher.publish_patches(meta, amp, phase, t_inf)
+                sent = self.publisher.publish_patches(meta, amp, phase, t_inf,
+                                                      None if res is None else {"residual": res[:n]})
             self.counters["published"] += sent
             self.counters["publish_dropped"] += n - sent
         self.telemetry.published(slot.seq[:n], t_detector=meta["t_detector"])
         rec = self.series
         pos = self.geometry.positions(meta)
         ok = np.isfinite(pos).all(axis=1)
+        rq = slot.extra.get("residual")  # the uncertainty map's residual term (NaN: frame not checked)
+        rq = None if rq is None else rq[:n]
         if ok.any():
             if rec.stitcher is None:
                 rec.stitcher = self._new_stitcher(pos)
             if ok.all():
-                rec.stitcher.add_batch(amp, phase, pos)
+                rec.stitcher.add_batch(amp, phase, pos, rq)
             else:
-                rec.stitcher.add_batch(amp[ok], phase[ok], pos[ok])
+                rec.stitcher.add_batch(amp[ok], phase[ok], pos[ok], None if rq is None else rq[ok])
         self.counters["unplaced"] += int(n - ok.sum())
         if self.writer is not None:
             if rec.n + n <= self.keep_max:
                 rec.amplitude.append(amp.copy())  # outputs are recycled with the slot; keep our own copy
                 rec.phase.append(phase.copy())
                 rec.meta.append(meta.copy())
+                rec.residual.append(np.full(n, np.nan, np.float32) if rq is None else rq.astype(np.float32))
                 rec.n += n
             elif not rec.truncated:
                 rec.truncated = True
@@ -254,10 +263,12 @@ class SeriesWriter:
             if not ok.any():
                 return None
             amp, ph = np.concatenate(rec.amplitude)[ok], np.concatenate(rec.phase)[ok]
+            rq = np.concatenate(rec.residual)[ok] if len(rec.residual) == len(rec.amplitude) else None
             if rec.stitcher is not None:  # the same canvas as the live mosaic
-                return stitch(amp, ph, pos[ok], self.weight, rec.stitcher.shape, origin_px=rec.stitcher.origin_px)
+                return stitch(amp, ph, pos[ok], self.weight, rec.stitcher.shape, origin_px=rec.stitcher.origin_px,
+                              residual=rq)
             shape, origin = canvas_for(pos[ok], self.weight.shape[-1])
-            return stitch(amp, ph, pos[ok], self.weight, shape, origin_px=origin)
+            return stitch(amp, ph, pos[ok], self.weight, shape, origin_px=origin, residual=rq)
         if rec.stitcher is not None:
             return rec.stitcher.result()
         return None
@@ -282,17 +293,19 @@ class SeriesWriter:
 
 def publish_mosaic(publisher: Any, lock: threading.Lock, amplitude: np.ndarray, phase: np.ndarray,
                    origin_px: tuple[int, int], geometry: Geometry, n_frames: int, max_px: int = 1024,
-                   extra: dict[str, Any] | None = None) -> bool:
+                   extra: dict[str, Any] | None = None, uncertainty: np.ndarray | None = None) -> bool:
     """Send one `mosaic` message (decimated to at most `max_px` a side) under `lock`; ZeroMQ copies the data."""
     step = max(1, math.ceil(max(amplitude.shape) / max_px))
     if step > 1:  # a display stream: decimate big canvases rather than flood the subscribers
         amplitude, phase = amplitude[::step, ::step], phase[::step, ::step]
+        uncertainty = None if uncertainty is None else uncertainty[::step, ::step]
     pixel = geometry.pixel_m
     finite = math.isfinite(pixel)
     origin = [v * pixel if finite else 0.0 for v in origin_px]
     with lock:
         return publisher.publish_mosaic(amplitude, phase, origin, pixel * step if finite else 0.0, n_frames,
-                                        extra={"decimation": step, **(extra or {})})
+                                        extra={"decimation": step, **(extra or {})},
+                                        extra_arrays=None if uncertainty is None else {"uncertainty": uncertainty})
 
 
 class MonitorStage:
@@ -312,7 +325,8 @@ class MonitorStage:
     def publish_mosaic(self, stitcher: LiveStitcher) -> bool:
         amp, phase = stitcher.snapshot_amp_phase(copy=False)  # only this thread reads them until next call
         ok = publish_mosaic(self.publisher, self.pub_lock, amp, phase, stitcher.origin_px,
-                            self.post.geometry, stitcher.n_added, self.mosaic_max_px)
+                            self.post.geometry, stitcher.n_added, self.mosaic_max_px,
+                            uncertainty=stitcher.snapshot_sigma())
         self.mosaics += int(ok)
         return ok
 

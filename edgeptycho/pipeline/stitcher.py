@@ -11,19 +11,20 @@ Choices, measured (docs/pipeline.md, "Stitching"; benchmarks/bench_pipeline.py -
   "lsq" (default): maximum-spanning-tree seed, then weighted least squares on wrapped residuals (graph
   Laplacian, sparse LU); "greedy": scan order + Gauss–Seidel; LiveStitcher: greedy against the mosaic.
 - phase ramp: a CNN tilting every patch (~0.002 rad/px for cpu-default) makes the solve build a ramp across
-  the mosaic; `remove_ramp` measures it from H and removes it when significant.
+  the mosaic; `remove_ramp` measures it from H and removes it when significant (LiveStitcher: the same
+  fit from its offsets, re-estimated at snapshot time, ramp_from_pairs).
 """
 
 from __future__ import annotations
 
-import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import scipy.sparse.csgraph as csgraph
 import scipy.sparse.linalg as spla
+
+from .uncertainty import features, sigma_from_features
 
 # A pixel whose summed weight is below this fraction of the weight's peak is outside the scanned area.
 MIN_WEIGHT_FRACTION = 1e-3
@@ -41,6 +42,8 @@ class StitchResult:
     offsets: np.ndarray
     origin_px: tuple[int, int] = (0, 0)  # object pixel of canvas pixel (0, 0)
     ramp: tuple[float, float] = (0.0, 0.0)  # global phase ramp removed, rad per object pixel (row, col)
+    uncertainty: np.ndarray | None = None  # (H, W) float32 phase σ, rad (pipeline.uncertainty); NaN outside
+    features: dict[str, np.ndarray] | None = None  # the σ model's per-pixel inputs (uncertainty.features)
 
     @property
     def mask(self) -> np.ndarray:
@@ -220,9 +223,14 @@ def phase_ramp(H: sp.csr_matrix, positions_px: np.ndarray) -> tuple[float, float
     if len(h) < 3:
         return 0.0, 0.0
     d = np.asarray(positions_px, dtype=np.float64)
-    dpos = d[j] - d[i]
-    w = np.abs(h) / np.abs(h).max()
-    delta = np.angle(h)
+    return ramp_from_pairs(d[j] - d[i], np.angle(h), np.abs(h) / np.abs(h).max())
+
+
+def ramp_from_pairs(dpos: np.ndarray, delta: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """The slope (rad/px, row, col) of phase_ramp from pairs: displacement (E, 2), phase difference
+    o_j − o_i (E,) wrapped, confidence (E,); (0, 0) unless significant (also LiveStitcher's, from offsets)."""
+    if len(delta) < 3:
+        return 0.0, 0.0
     A = dpos * w[:, None]
     normal = dpos.T @ A
     if np.linalg.cond(normal) > 1e12:  # positions along one line only: the slope across it is unknown
@@ -269,6 +277,7 @@ def stitch(
     origin_px: tuple[int, int] | None = None,
     remove_ramp: bool = True,
     chunk: int = 256,
+    residual: np.ndarray | None = None,
 ) -> StitchResult:
     """Blend patches (N, M, M) at `positions_px` (N, 2) into one object: Σ w·patch / Σ w, offsets reconciled.
 
@@ -278,6 +287,7 @@ def stitch(
     `method`: "lsq" (default), "greedy", or "none" (patches already share a phase reference).
     `remove_ramp`: after reconciling offsets, remove the global linear phase ramp (phase_ramp), as
     ptychographic reconstructions routinely do; a genuine ramp across the object goes with it.
+    `residual`: (N,) data-consistency residual per patch (NaN = unknown), mapped into the uncertainty.
     """
     amplitude, phase, weight = _check_patches(amplitude, phase, positions_px, weight)
     if method not in ("lsq", "greedy", "none"):
@@ -312,6 +322,14 @@ def stitch(
     num_re = np.zeros(shape[0] * shape[1])
     num_im = np.zeros_like(num_re)
     den = np.zeros_like(num_re)
+    sq = np.zeros_like(num_re)  # Σ w·|z|² for the overlap-disagreement map (offset-free: |z| has no phase)
+    if residual is not None:
+        residual = np.asarray(residual, np.float64).ravel()
+        if residual.shape != (n,):
+            raise ValueError(f"residual must be ({n},) like the patches, got shape {residual.shape}")
+        rknown = np.isfinite(residual)
+        rval = np.where(rknown, residual, 0.0)
+        rnum, rden = np.zeros_like(num_re), np.zeros_like(num_re)  # Σ w·r, Σ w over patches with a residual
     rot = np.exp(-1j * offsets).astype(np.complex64)
     wb = np.broadcast_to(weight, (min(chunk, max(n, 1)), m, m))
     for s in range(0, n, chunk):  # chunks bound the index arrays' memory for long scans
@@ -322,7 +340,21 @@ def stitch(
         num_re += np.bincount(idx, weights=val.real, minlength=len(num_re))
         num_im += np.bincount(idx, weights=val.imag, minlength=len(num_re))
         den += np.bincount(idx, weights=wb[: e - s][mask], minlength=len(num_re))
+        us = np.abs(u[s:e][mask]) ** 2  # |w·z|² / w = w·|z|², with the sub-pixel-shifted z the mean uses
+        ws = wb[: e - s][mask]
+        sq += np.bincount(idx, weights=np.divide(us, ws, out=np.zeros_like(us), where=ws > 1e-6),
+                          minlength=len(num_re))
+        if residual is not None:
+            pid = np.broadcast_to(np.arange(s, e)[:, None, None], mask.shape)[mask]
+            wk = ws * rknown[pid]
+            rnum += np.bincount(idx, weights=wk * rval[pid], minlength=len(num_re))
+            rden += np.bincount(idx, weights=wk, minlength=len(num_re))
     den = den.reshape(shape)
+    feats = features((num_re + 1j * num_im).reshape(shape), den, sq.reshape(shape), float(weight.max()),
+                     None if residual is None else rnum.reshape(shape),
+                     None if residual is None else rden.reshape(shape),
+                     float(np.median(residual[rknown])) if residual is not None and rknown.any() else None)
+    sigma = sigma_from_features(feats)
     obj = np.zeros(shape, dtype=np.complex64)
     good = den > MIN_WEIGHT_FRACTION * max(float(den.max(initial=0.0)), 1e-30)
     obj[good] = (num_re.reshape(shape)[good] + 1j * num_im.reshape(shape)[good]) / den[good]
@@ -332,109 +364,8 @@ def stitch(
         ec = np.exp(-1j * ramp[1] * (np.arange(shape[1]) - centre[1])).astype(np.complex64)
         obj *= er[:, None] * ec[None, :]
     return StitchResult(obj, den.astype(np.float32), offsets.astype(np.float64),
-                        (int(origin[0]), int(origin[1])), ramp)
+                        (int(origin[0]), int(origin[1])), ramp, sigma, feats)
 
 
-class LiveStitcher:
-    """Streaming mosaic: add_batch aligns each new patch's phase offset to the mosaic and blends it in.
-
-    Adds run in one thread (the pipeline's stitch stage); snapshot() may be called from another thread at
-    10–30 Hz. Snapshot reads the accumulators without the add lock: a display frame may show one patch
-    half-added, never a corrupt pixel, and the adds are never blocked. Only the region changed since the
-    previous snapshot is recomputed.
-    """
-
-    def __init__(self, canvas_shape: tuple[int, int], m: int, weight: np.ndarray,
-                 origin_px: tuple[int, int] = (0, 0)):
-        self.shape = (int(canvas_shape[0]), int(canvas_shape[1]))
-        self.origin_px = (int(origin_px[0]), int(origin_px[1]))  # object pixel of canvas pixel (0, 0)
-        if min(self.shape) < 1:
-            raise ValueError(f"canvas_shape must be positive, got {canvas_shape}")
-        self.m = int(m)
-        if np.shape(weight) != (self.m, self.m):
-            raise ValueError(f"weight must be ({m}, {m}), got shape {np.shape(weight)}")
-        self.weight = np.asarray(weight, dtype=np.float32)
-        self._num = np.zeros(self.shape, dtype=np.complex64)
-        self._den = np.zeros(self.shape, dtype=np.float32)
-        self._mosaic = np.zeros(self.shape, dtype=np.complex64)
-        self._amp = np.zeros(self.shape, dtype=np.float32)
-        self._phase = np.zeros(self.shape, dtype=np.float32)
-        self._thresh = MIN_WEIGHT_FRACTION * float(self.weight.max())
-        self._dirty = [self.shape[0], self.shape[1], 0, 0]  # r0, c0, r1, c1 since the last snapshot
-        self._dirty_lock = threading.Lock()
-        self._snap_lock = threading.Lock()  # serialises snapshot callers (monitor, final writer), never adds
-        self.offsets: list[float] = []
-        self.n_added = 0
-
-    def add_batch(self, amplitude: np.ndarray, phase: np.ndarray, positions_px: np.ndarray) -> np.ndarray:
-        """Blend a batch of patches in scan order; returns the phase offsets removed (n,) rad."""
-        amplitude, phase, _ = _check_patches(amplitude, phase, positions_px, self.weight)
-        n, m = amplitude.shape[0], self.m
-        if n == 0:
-            return np.zeros(0)
-        u = weighted_complex(amplitude, phase, self.weight)
-        corners = patch_corners(positions_px, m) - np.asarray(self.origin_px)
-        offsets = np.zeros(n)
-        H, W = self.shape
-        r0b, c0b, r1b, c1b = H, W, 0, 0
-        for k in range(n):  # per-patch slicing: ~4k-pixel numpy ops; a batch depends on its own earlier patches
-            r, c = int(corners[k, 0]), int(corners[k, 1])
-            ra, ca, rb, cb = max(r, 0), max(c, 0), min(r + m, H), min(c + m, W)
-            if ra >= rb or ca >= cb:
-                continue  # wholly off the canvas
-            patch = u[k, ra - r:rb - r, ca - c:cb - c]
-            num = self._num[ra:rb, ca:cb]
-            s = complex(np.vdot(num, patch))  # Σ conj(mosaic)·patch: the patch's phase relative to the mosaic
-            a = abs(s)
-            if a > 0:
-                offsets[k] = math.atan2(s.imag, s.real)
-                num += patch * np.complex64(s.conjugate() / a)
-            else:
-                num += patch
-            self._den[ra:rb, ca:cb] += self.weight[ra - r:rb - r, ca - c:cb - c]
-            r0b, c0b, r1b, c1b = min(r0b, ra), min(c0b, ca), max(r1b, rb), max(c1b, cb)
-        with self._dirty_lock:
-            d = self._dirty
-            self._dirty = [min(d[0], r0b), min(d[1], c0b), max(d[2], r1b), max(d[3], c1b)]
-        self.offsets.extend(offsets.tolist())
-        self.n_added += n
-        return offsets
-
-    def _refresh(self) -> None:
-        """Recompute the mosaic (and its amplitude and phase) where patches landed since the last call."""
-        with self._dirty_lock:
-            r0, c0, r1, c1 = self._dirty
-            self._dirty = [self.shape[0], self.shape[1], 0, 0]
-        if r1 > r0 and c1 > c0:
-            num = self._num[r0:r1, c0:c1].copy()
-            den = self._den[r0:r1, c0:c1].copy()
-            good = den > self._thresh
-            region = np.zeros_like(num)
-            np.divide(num, den, out=region, where=good)
-            self._mosaic[r0:r1, c0:c1] = region
-            np.abs(region, out=self._amp[r0:r1, c0:c1])
-            np.arctan2(region.imag, region.real, out=self._phase[r0:r1, c0:c1])
-
-    def snapshot(self) -> np.ndarray:
-        """The current mosaic (H, W) complex64 (zero where nothing landed yet); a new array each call."""
-        with self._snap_lock:
-            self._refresh()
-            return self._mosaic.copy()
-
-    def snapshot_amp_phase(self, copy: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Amplitude and phase (H, W) float32 of the mosaic, kept up to date region by region.
-
-        copy=False returns the internal arrays (no full-canvas work at all): for one consumer, such as the
-        monitor that hands them straight to ZeroMQ (which copies), and only until its next call.
-        """
-        with self._snap_lock:
-            self._refresh()
-            return (self._amp.copy(), self._phase.copy()) if copy else (self._amp, self._phase)
-
-    def weight_map(self) -> np.ndarray:
-        """Summed blending weight (H, W) so far."""
-        return self._den.copy()
-
-    def result(self) -> StitchResult:
-        """The mosaic so far as a StitchResult (offsets in arrival order)."""
-        return StitchResult(self.snapshot(), self.weight_map(), np.asarray(self.offsets), self.origin_px)
+# LiveStitcher lives in live_stitch.py (it imports the helpers above); re-exported for existing imports.
+from .live_stitch import LiveStitcher  # noqa: E402, F401

@@ -84,10 +84,15 @@ class LatencyHistogram:
         if v.size == 0:
             return
         idx = np.searchsorted(self.edges, v, side="right")
-        self.counts += np.bincount(idx, minlength=len(self.counts))[: len(self.counts)]
-        self.total += int(v.size)
-        self.sum += float(v.sum())
-        self.max = max(self.max, float(v.max()))
+        self.add(np.bincount(idx, minlength=len(self.counts))[: len(self.counts)], int(v.size), float(v.sum()),
+                 float(v.max()))
+
+    def add(self, counts: np.ndarray, total: int, total_sum: float, vmax: float) -> None:
+        """Add pre-binned values (counts per bin of this histogram's edges, underflow/overflow included)."""
+        self.counts += counts
+        self.total += total
+        self.sum += total_sum
+        self.max = max(self.max, vmax)
 
     def percentile(self, q: float) -> float | None:
         """q in [0, 100]; None when empty."""
@@ -194,10 +199,23 @@ class Telemetry:
                            - (rows[:, c.index["inferred"]] - rows[:, c.index["submitted"]]))
         if t_detector is not None:
             lat["detector_to_published"] = self.wall.to_unix(t) - np.asarray(t_detector, dtype=np.float64)
+        # Every interval of the batch binned at once (one searchsorted, one bincount), then added to both the
+        # run's and the recent histograms: the per-histogram version cost ~6 µs per frame in the post thread.
+        names = list(lat)
+        vals = np.stack([lat[k] for k in names])
+        ok = np.isfinite(vals)
+        h0 = self.hist[names[0]]
+        nb = len(h0.counts)
+        idx = np.searchsorted(h0.edges, vals, side="right") + nb * np.arange(len(names))[:, None]
+        counts = np.bincount(idx[ok], minlength=nb * len(names)).reshape(len(names), nb)
+        totals = ok.sum(axis=1).tolist()
+        sums = np.where(ok, vals, 0.0).sum(axis=1).tolist()
+        maxes = np.where(ok, vals, -np.inf).max(axis=1).tolist()
         with self._lock:
-            for name, v in lat.items():
-                self.hist[name].record(v)
-                self.recent[name].record(v)
+            for k, name in enumerate(names):
+                if totals[k]:
+                    for h in (self.hist[name], self.recent[name]):
+                        h.add(counts[k], totals[k], sums[k], maxes[k])
         return t
 
     def status(self, reset_recent: bool = True, **extra: object) -> dict[str, object]:

@@ -97,6 +97,10 @@ class Source(abc.ABC):
     def counters(self) -> dict[str, int]:
         return self.stats.as_dict()
 
+    def mask_for(self, series_id: int) -> np.ndarray | None:
+        """The detector pixel mask (nonzero = bad) of series `series_id`, when the stream carries one."""
+        return None
+
 
 class Pacer:
     """Absolute-deadline clock: frame i is due at t0 + i / rate, so sleep overshoot never accumulates."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import collections
 import logging
 import math
 import threading
@@ -26,6 +27,7 @@ FATAL = ("garbage", "unknown_type", "truncated", "wrong_size", "wrong_dtype", "b
 NOTES = ("out_of_order", "missing_header", "series_restarted", "unexpected_end", "no_cbor_magic",
          "client_queue_full")
 _NAN2 = (math.nan, math.nan)
+_KEEP_MASKS = 16  # series whose masks are remembered (frames of older ones left the ring long ago)
 
 
 class MessageError(ValueError):
@@ -121,6 +123,9 @@ class DectrisSource(Source):
         self.issues = KindCounter(f"{self.name} {self.endpoint}", log_interval_s)
         self.landing = {"direct": 0, "copied": 0}
         self.mask: np.ndarray | None = None
+        # Mask in effect per series, recorded at each header: frames of an earlier series may still be
+        # waiting in the ring when the next series' header (with a new mask) arrives.
+        self._series_masks: collections.OrderedDict[int, np.ndarray | None] = collections.OrderedDict()
         self.flatfield: np.ndarray | None = None
         self.countrate_table: np.ndarray | None = None
         self.detector_config: dict[str, Any] = {}
@@ -252,6 +257,15 @@ class DectrisSource(Source):
         self.series_id = series_id
         self._tracker.reset()
         self.header_event.set()
+
+    def remember_mask(self, series_id: int) -> None:
+        """Record the mask now in effect (`mask`) as series `series_id`'s; call once its header is parsed."""
+        self._series_masks[series_id] = self.mask
+        while len(self._series_masks) > _KEEP_MASKS:
+            self._series_masks.popitem(last=False)
+
+    def mask_for(self, series_id: int) -> np.ndarray | None:
+        return self._series_masks.get(series_id, self.mask)
 
     def end_series(self, series_id: int) -> None:
         if series_id != self.series_id:  # not ours to close: the next header closes an open series anyway

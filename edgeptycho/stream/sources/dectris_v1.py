@@ -221,6 +221,7 @@ class DectrisV1Source(DectrisSource):
             self.header_appendix = h.appendix
             for name, array in h.arrays.items():  # a header without them keeps the last ones (same detector)
                 setattr(self, name, array)
+            self.remember_mask(h.series)
             for kind, detail in h.problems:
                 self._issue(kind, detail)
         elif htype.startswith("dseries_end-"):

@@ -276,6 +276,7 @@ class DectrisV2Source(DectrisSource):
         if ch is not None:
             self.mask = self.masks.get(ch, self.mask)
             self.flatfield = self.flatfields.get(ch, self.flatfield)
+        self.remember_mask(series)
 
     def _image(self, msg: Mapping[str, Any], series: int) -> None:
         image_id = msg.get("image_id")

@@ -1,0 +1,157 @@
+"""Serve-loop settings: the `edgeptycho serve` YAML sections as dataclasses, and the GIL switch-interval guard."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from edgeptycho.config import from_mapping, load_yaml
+from edgeptycho.stream.ring import RingConfig
+
+from .trust import QualityConfig
+
+# GIL switch interval while a pipeline runs (ServeConfig.switch_interval_ms); None keeps the interpreter's.
+DEFAULT_SWITCH_MS: float | None = None
+
+
+def _check_switch(ms: float | None) -> None:
+    if ms is not None and not 0.01 <= ms <= 100:
+        raise ValueError(f"switch_interval_ms must be in [0.01, 100] or null, got {ms}")
+
+
+class _SwitchInterval:
+    """sys.setswitchinterval for the lifetime of running pipelines: set by the first, restored by the last."""
+
+    _lock = threading.Lock()
+    _users = 0
+    _saved = 0.005
+
+    @classmethod
+    def acquire(cls, seconds: float) -> None:
+        with cls._lock:
+            if cls._users == 0:
+                cls._saved = sys.getswitchinterval()
+            cls._users += 1
+            sys.setswitchinterval(seconds)
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            if cls._users == 0:
+                return
+            cls._users -= 1
+            if cls._users == 0:
+                sys.setswitchinterval(cls._saved)
+
+
+@dataclass
+class SourceConfig:
+    """Where frames come from. replay: a CXI/HDF5 `path`; array: an .npy/.npz `path` held in memory; tcp:
+    listen on `endpoint` (tcp://127.0.0.1:PORT); shm: a ReplaySource on `path` in a child process, or an
+    external producer connecting to the Unix socket `endpoint`; dectris-v1/-v2: a PULL client of the
+    detector's stream at `endpoint`, with scan positions from the `positions` file."""
+
+    kind: Literal["replay", "tcp", "shm", "array", "dectris-v1", "dectris-v2"] = "replay"
+    path: str | None = None
+    rate_hz: float | None = None  # replay/array pacing; null = as fast as the ring takes them
+    endpoint: str | None = None
+    frame_shape: list[int] | None = None  # tcp/shm without a file: detector (H, W); default: the model's
+    dtype: str = "uint32"  # tcp/shm without a file: pixel dtype
+    pixel_m: float | None = None  # object pixel size (m) when the source does not carry it
+    positions: str | None = None  # dectris: scan positions by frame id (CXI, .npy or text; PositionTable)
+
+    def __post_init__(self) -> None:
+        if self.kind in ("replay", "array") and not self.path:
+            raise ValueError(f"source.kind '{self.kind}' needs source.path")
+        if self.rate_hz is not None and self.rate_hz <= 0:
+            raise ValueError(f"source.rate_hz must be > 0 or null, got {self.rate_hz}")
+        if self.frame_shape is not None and (len(self.frame_shape) != 2 or min(self.frame_shape) < 1):
+            raise ValueError(f"source.frame_shape must be [H, W], got {self.frame_shape}")
+
+
+@dataclass
+class BackendConfig:
+    name: str = "cpu"
+    batch: int = 32
+    precision: str = "fp32"
+    inflight: int = 2  # batches submitted ahead where the backend is asynchronous
+    threads: int | None = None  # cpu: intra-op threads (default: physical cores)
+
+    def __post_init__(self) -> None:
+        if self.batch < 1 or self.inflight < 1:
+            raise ValueError("backend.batch and backend.inflight must be >= 1")
+
+
+@dataclass
+class BatcherConfig:
+    max_wait_ms: float = 5.0  # flush a partial batch when its oldest frame has waited this long
+    pool: int = 4  # preallocated input/output batches (>= 2: one fills while one infers)
+
+    def __post_init__(self) -> None:
+        if self.max_wait_ms < 0 or self.pool < 2:
+            raise ValueError("batcher.max_wait_ms must be >= 0 and batcher.pool >= 2")
+
+
+@dataclass
+class PublishConfig:
+    endpoint: str = "tcp://127.0.0.1:5560"
+    sndhwm: int = 1000  # messages queued per subscriber before ZeroMQ drops for that subscriber
+    enabled: bool = True
+    count_drops: bool = False  # true: a full subscriber makes sends fail (counted) for everyone
+    status_hz: float = 1.0
+
+
+@dataclass
+class StitchConfig:
+    mosaic_hz: float = 10.0
+    probe: str | None = None  # probe file for the blending weight (default: the scan file's, else Gaussian)
+    canvas_px: list[int] | None = None  # live canvas (H, W); default: the scan's extent, else 1024² on the first patch
+    # Live mosaics larger than this are decimated: a display at 10 Hz needs no more, and an 830-px float32
+    # amplitude + phase pair costs ~1 ms of copying per message. The end-of-scan mosaic goes out whole.
+    mosaic_max_px: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.mosaic_hz <= 100:
+            raise ValueError(f"stitch.mosaic_hz must be in [0, 100], got {self.mosaic_hz}")
+
+
+@dataclass
+class OutputConfig:
+    cxi: str | None = None  # final reconstruction per series; "{series}" in the name is the series id
+    keep_max: int = 16384  # patches kept per series for the final offline stitch (else the live mosaic)
+
+
+@dataclass
+class ServeConfig:
+    """`edgeptycho serve` settings (configs/serve.yaml documents every key)."""
+
+    source: SourceConfig = field(default_factory=lambda: SourceConfig(kind="tcp"))
+    ring: RingConfig = field(default_factory=RingConfig)
+    model: str = "default"
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    stitch: StitchConfig = field(default_factory=StitchConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    scan_id: str = ""
+    # Niceness of the service's helper threads (source, batcher, sinks), not of the inference thread: > 0
+    # lets the backend win a saturated CPU (docs/BENCHMARKS.md, "Streaming pipeline", measures the trade).
+    nice: int = 0
+    # Python's GIL switch interval while the service runs (process-wide; restored when it stops): the longest
+    # a thread back from ONNX Runtime waits for a helper thread to give up the GIL. null (default) keeps
+    # the interpreter's 5 ms: the backend's idle gaps measured so far did not depend on it (docs/pipeline.md).
+    switch_interval_ms: float | None = DEFAULT_SWITCH_MS
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.nice <= 19:
+            raise ValueError(f"nice must be in 0..19, got {self.nice}")
+        _check_switch(self.switch_interval_ms)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ServeConfig:
+        """Read and validate a YAML file; ConfigError names the offending key."""
+        return from_mapping(cls, load_yaml(path))

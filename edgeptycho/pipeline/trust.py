@@ -1,0 +1,345 @@
+"""Trust in the live pipeline: per-patch forward residual, threshold fallback by region refinement, references.
+
+Flow (docs/refinement.md, "Trust in the live pipeline"): the batcher's `tap` (QualityTap) copies one raw
+frame in `quality.every` out of its ring slot before the slot is released, into the batch slot's own buffer;
+QualityStage (its own thread, between inference and postprocessing) computes the ForwardResidual of those
+frames against their CNN patches and writes `slot.extra["residual"]`, which PostStage publishes in each
+patch message (NaN → null where a frame was not checked). The residual is defined on the raw counts, binned
+to the e×e grid of the residual's window (e = 2M): the model input has each frame divided by its own mean
+log value, which throws away the absolute scale the Fourier misfit needs. When the stage falls behind
+(more than `max_backlog` batches waiting) it skips batches and the tap stops copying, so the hot path never
+waits on it. Frames over `quality.threshold` queue their patch as a region; after `refine_delay` more frames
+(its neighbours have arrived) or at the end of the series, the region is refined from the live mosaic with
+pipeline.refine's sub_problem/solve_sub in a background thread or on Dask, pasted back into the live mosaic,
+and into the final stitch of the series (apply_refined). Every `reference_every` frames a reference region
+is refined with `reference_iters` iterations and scored (residual before/after, CNN vs refined NRMSE).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..physics.epie import EpieOptions
+from ..physics.forward import bin_frames, extract_patches
+from .batcher import BatchSlot, Port
+from .quality import ForwardResidual, QualityMonitor
+from .refine import footprint_radius_px, solve_sub, sub_problem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QualityConfig:
+    """`quality:` block of serve.yaml (configs/serve.yaml documents every key)."""
+
+    enabled: bool = True  # needs the probe (scan file or stitch.probe); off without one
+    # residual of one frame in `every`: at every frame it measured 0.68× the inference thread's CPU (cpu-default,
+    # 256-px frames, grid 128; 31 % of the pipeline's CPU), at 1 in 4 11.6 %. On a CPU backend that CPU comes
+    # straight out of inference, so the default samples 1 in 16 (~3 %); set 1 where the host CPU is idle
+    # (GPU, Jetson, Alveo backends)
+    every: int = 16
+    threshold: float | None = None  # residual above which a frame's region is refined; null = no fallback
+    refine_iters: int = 10
+    refine_delay: int = 256  # frames after a flag before its region is refined (its neighbours have arrived)
+    reference_every: int = 0  # frames between reference regions (0 = none)
+    reference_iters: int = 50
+    keep_frames: int = 2048  # checked frames kept per series for refinement (binned to the e×e window)
+    dask: str | None = None  # null: a background thread; "local": a LocalCluster; or a scheduler address
+    max_backlog: int = 1  # batches waiting for the stage beyond which it skips batches
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.refine_iters < 0 or self.reference_iters < 0 or self.refine_delay < 0:
+            raise ValueError("quality.every must be >= 1; refine_iters, reference_iters, refine_delay >= 0")
+        if self.reference_every < 0 or self.keep_frames < 1 or self.max_backlog < 0:
+            raise ValueError("quality.reference_every >= 0, keep_frames >= 1 and max_backlog >= 0 required")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"quality.threshold must be > 0 or null, got {self.threshold}")
+
+
+class QualityTap:
+    """Batcher hook: copies one frame in `every` from its ring slot into the batch slot before release."""
+
+    def __init__(self, every: int, batch: int, frame: tuple[int, int], dtype: Any, busy: Any = None):
+        self.every, self.batch, self.frame, self.dtype = int(every), int(batch), tuple(frame), np.dtype(dtype)
+        self.busy = busy  # callable: True while the quality stage is behind (then nothing is copied)
+        self.seen = self.copied = self.skipped = 0
+
+    def __call__(self, slot: BatchSlot, row0: int, frames: np.ndarray) -> None:
+        x = slot.extra
+        if row0 == 0 or "q_rows" not in x:
+            x["q_rows"] = []
+        k = len(frames)
+        idx = np.arange((-self.seen) % self.every, k, self.every)
+        self.seen += k
+        if not idx.size:
+            return
+        if self.busy is not None and self.busy():
+            self.skipped += len(idx)
+            return
+        buf = x.get("q_buf")
+        if buf is None:
+            buf = x["q_buf"] = np.empty((self.batch, *self.frame), self.dtype)
+        rows = x["q_rows"]
+        j = len(rows)
+        buf[j:j + len(idx)] = frames[idx]  # the sampled frames' one copy (counted apart from the payload's)
+        rows.extend((row0 + idx).tolist())
+        self.copied += len(idx)
+
+
+@dataclass
+class Region:
+    """A patch-sized box of a series' canvas queued for refinement."""
+
+    series_id: int
+    centre: tuple[float, float]  # patch (object) pixels
+    due: int  # frames checked when it may run
+    kind: str = "fallback"  # fallback | reference
+    residual: float = math.nan
+    stitcher: Any = None
+
+
+class QualityStage:
+    """Thread between InferStage and PostStage: residuals, fallback regions, references (module docstring)."""
+
+    def __init__(self, inp: Port, out: Port, cfg: QualityConfig, probe: np.ndarray, m: int, frame: int,
+                 geometry: Any, stitcher_of: Any, mask: np.ndarray | None = None,
+                 stop: threading.Event | None = None):
+        p = np.asarray(probe)
+        p = p[None] if p.ndim == 2 else p
+        if p.shape[-1] != frame:
+            raise ValueError(f"probe window {p.shape[-1]} px differs from the frame {frame} px")
+        e = min(2 * m, frame)
+        while frame % e:  # the e-grid must be a binning of the frame
+            e += 1
+        self.inp, self.out, self.cfg, self.m, self.n, self.e = inp, out, cfg, int(m), int(frame), e
+        self.geometry, self.stitcher_of = geometry, stitcher_of
+        self.stop = stop or threading.Event()
+        o = frame // 2 - e // 2
+        self.probe = np.ascontiguousarray(p[:, o:o + e, o:o + e], np.complex64)
+        self.mask = None if mask is None else bin_frames((np.asarray(mask) != 0).astype(np.float32), frame // e) > 0
+        self.monitor = QualityMonitor(ForwardResidual(self.probe, m, mask=self.mask), cfg.threshold, auto=False)
+        self.counters = {"checked": 0, "over_threshold": 0, "skipped_batches": 0, "regions_queued": 0,
+                         "regions_done": 0, "regions_failed": 0, "references_done": 0}
+        self.refined: dict[int, list[tuple[tuple[int, int, int, int], np.ndarray]]] = {}
+        self.last_refine: dict[str, Any] = {}
+        self._pending: list[Region] = []
+        self._series = None
+        self._store: tuple[np.ndarray, np.ndarray] | None = None  # (keep, e, e) frames, (keep, 2) positions
+        self._stored = 0
+        self._next_ref = cfg.reference_every or 0
+        self._jobs: queue.Queue[Region | None] = queue.Queue()
+        self._busy_series: dict[int, int] = {}
+        self._cond = threading.Condition()
+        self._client = None
+        self._refiner = None
+        if cfg.threshold is not None or cfg.reference_every:
+            self._refiner = threading.Thread(target=self._refine_loop, name="pipeline-refine", daemon=True)
+            self._refiner.start()
+
+    # --- the stage ----------------------------------------------------------------------------------
+    def backlogged(self) -> bool:
+        return self.inp.depth() > self.cfg.max_backlog
+
+    def run(self) -> None:
+        try:
+            while True:
+                slot = self.inp.get(self.stop)
+                if slot is None:
+                    return
+                try:
+                    self._check(slot)
+                except Exception:  # a quality failure must never stop the results
+                    log.exception("quality check of a batch failed")
+                self.out.put(slot)
+                if slot.closed:
+                    return
+        finally:
+            self._jobs.put(None)
+
+    def _check(self, slot: BatchSlot) -> None:
+        x = slot.extra
+        res = x.get("residual")
+        if res is None:
+            res = x["residual"] = np.empty(len(slot.meta), np.float32)
+        res.fill(np.nan)
+        rows = x.get("q_rows") if slot.n else None
+        if rows:
+            x["q_rows"] = []
+            if self.backlogged():
+                self.counters["skipped_batches"] += 1
+            else:
+                self._residuals(slot, np.asarray(rows), res)
+        if slot.end_series is not None or slot.closed:
+            self._end_series()
+
+    def _residuals(self, slot: BatchSlot, rows: np.ndarray, res: np.ndarray) -> None:
+        frames = bin_frames(slot.extra["q_buf"][:len(rows)], self.n // self.e, dtype=np.float32)
+        amp = slot.outputs["amplitude"][rows, 0]
+        phase = slot.outputs["phase"][rows, 0]
+        r, over = self.monitor.update(frames, amp, phase)
+        res[rows] = r
+        self.counters["checked"] += len(rows)
+        self.counters["over_threshold"] += int(over.sum())
+        if self._refiner is None:
+            return
+        meta = slot.meta[rows]
+        sid = int(meta["series_id"][0])
+        if sid != self._series:
+            self._end_series()
+            self._series, self._stored = sid, 0
+        pos = self.geometry.positions(meta)  # patch pixels; the canvas origin is the stitcher's, at refine time
+        ok = np.isfinite(pos).all(axis=1)
+        self._keep(frames[ok], pos[ok])
+        for i in np.flatnonzero(over & ok):
+            self._queue(Region(sid, tuple(pos[i]), self._stored + self.cfg.refine_delay, residual=float(r[i])))
+        if self.cfg.reference_every and self.counters["checked"] >= self._next_ref and ok.any():
+            self._next_ref += self.cfg.reference_every
+            i = int(np.flatnonzero(ok)[-1])
+            self._queue(Region(sid, tuple(pos[i]), self._stored + self.cfg.refine_delay, "reference", float(r[i])))
+        self._release(final=False)
+
+    def _keep(self, frames: np.ndarray, pos: np.ndarray) -> None:
+        if self._store is None:
+            k = self.cfg.keep_frames
+            self._store = (np.zeros((k, self.e, self.e), np.float32), np.full((k, 2), np.nan))
+        f, p = self._store
+        idx = (self._stored + np.arange(len(frames))) % len(f)  # a ring: the oldest checked frames make room
+        f[idx] = frames
+        p[idx] = pos
+        self._stored += len(frames)
+
+    def _queue(self, reg: Region) -> None:
+        half = self.m / 2
+        if any(q.series_id == reg.series_id and abs(q.centre[0] - reg.centre[0]) < half
+               and abs(q.centre[1] - reg.centre[1]) < half for q in self._pending):
+            return  # one refinement covers both
+        self._pending.append(reg)
+        self.counters["regions_queued"] += 1
+
+    def _release(self, final: bool) -> None:
+        st = self.stitcher_of()
+        if st is None and not final:  # no patch placed yet: wait for the mosaic to seed from
+            return
+        due = [r for r in self._pending if final or r.due <= self._stored]
+        if not due:
+            return
+        self._pending = [r for r in self._pending if r not in due]
+        for r in due:
+            r.stitcher = st
+            with self._cond:
+                self._busy_series[r.series_id] = self._busy_series.get(r.series_id, 0) + 1
+            self._jobs.put((r, self._near(r)))
+
+    def _near(self, reg: Region) -> tuple[np.ndarray, np.ndarray] | None:
+        """Copies of the kept frames (and positions) whose probe footprint reaches the region's box."""
+        if self._store is None:
+            return None
+        f, p = self._store
+        reach = self.m / 2 + footprint_radius_px(self.probe)
+        with np.errstate(invalid="ignore"):
+            near = np.flatnonzero((np.abs(p - np.asarray(reg.centre)) <= reach).all(axis=1))
+        return f[near], p[near]
+
+    def _end_series(self) -> None:
+        if self._refiner is not None and self._pending:
+            self._release(final=True)
+        self._series, self._stored = None, 0
+
+    # --- refinement (background thread; the solve itself optionally on Dask) --------------------------
+    def _refine_loop(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                break
+            reg, store = item
+            try:
+                self._refine(reg, store)
+            except Exception as exc:
+                log.warning("refining region at %s failed: %s", reg.centre, exc)
+                self.counters["regions_failed"] += 1
+            finally:
+                with self._cond:
+                    self._busy_series[reg.series_id] -= 1
+                    self._cond.notify_all()
+        if self._client is not None:
+            cluster = getattr(self._client, "cluster", None)
+            self._client.close()
+            if cluster is not None:
+                cluster.close()
+
+    def _solve(self, job: Any, n_iters: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.cfg.dask:
+            return solve_sub(job, n_iters, EpieOptions())
+        if self._client is None:
+            from .refine import dask_client
+
+            self._client = dask_client(None if self.cfg.dask == "local" else self.cfg.dask)
+        return self._client.submit(solve_sub, job, n_iters, EpieOptions(), pure=False).result()
+
+    def _refine(self, reg: Region, store: tuple[np.ndarray, np.ndarray] | None) -> None:
+        if reg.stitcher is None or store is None:
+            raise ValueError("no live mosaic or no kept frames for this series")
+        frames, pos = store
+        pos = pos - np.asarray(reg.stitcher.origin_px)  # canvas pixels
+        seed = reg.stitcher.snapshot()
+        pad = self.e // 2 + 2  # every window round a canvas position lies inside the padded seed
+        obj = np.pad(seed, pad, constant_values=1)
+        obj[np.abs(obj) == 0] = 1  # unvisited canvas pixels: a flat start
+        h = self.m // 2
+        cr = int(round(reg.centre[0])) - reg.stitcher.origin_px[0] + pad
+        cc = int(round(reg.centre[1])) - reg.stitcher.origin_px[1] + pad
+        box = (max(cr - h, pad), min(cr + h, pad + seed.shape[0]), max(cc - h, pad), min(cc + h, pad + seed.shape[1]))
+        job = sub_problem(frames, pos + pad, self.probe, obj, box, self.mask)
+        n_iters = self.cfg.reference_iters if reg.kind == "reference" else self.cfg.refine_iters
+        out, _, _ = self._solve(job, n_iters)
+        before = self._region_residual(job, job.obj)
+        r0, r1, c0, c1 = job.paste
+        after_obj = job.obj.copy()
+        after_obj[r0 - job.corner[0]:r1 - job.corner[0], c0 - job.corner[1]:c1 - job.corner[1]] = out
+        after = self._region_residual(job, after_obj)
+        cbox = (r0 - pad, r1 - pad, c0 - pad, c1 - pad)
+        reg.stitcher.paste(cbox, out)
+        with self._cond:
+            self.refined.setdefault(reg.series_id, []).append((cbox, out))
+        self.counters["regions_done"] += 1
+        self.last_refine = {"kind": reg.kind, "frames": len(job.frames), "iterations": n_iters,
+                            "residual_before": before, "residual_after": after}
+        if reg.kind == "reference":
+            cnn = seed[cbox[0]:cbox[1], cbox[2]:cbox[3]]
+            self.monitor.add_reference(cnn, out, residuals=np.asarray([before]))
+            self.counters["references_done"] += 1
+
+    def _region_residual(self, job: Any, obj: np.ndarray) -> float:
+        """Median residual of the region's frames against patches cut from `obj` (the seed or the refined)."""
+        patches = extract_patches(obj, job.positions_px, self.m)
+        return float(np.median(self.monitor.residual(job.frames, np.abs(patches), np.angle(patches))))
+
+    # --- results -------------------------------------------------------------------------------------
+    def wait_series(self, series_id: int, timeout: float = 60.0) -> bool:
+        """Block until every refinement queued for the series is done (True) or `timeout` s passed."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._busy_series.get(series_id, 0) <= 0, timeout)
+
+    def apply_refined(self, series_id: int, obj: np.ndarray) -> int:
+        """Paste the series' refined regions into a final stitch on the live canvas (global phase matched)."""
+        if not self.wait_series(series_id):
+            log.warning("series %d: refinements still running; the final CXI goes without them", series_id)
+        with self._cond:
+            done = self.refined.pop(series_id, [])
+        for (r0, r1, c0, c1), out in done:
+            dot = np.vdot(out, obj[r0:r1, c0:c1])  # the final stitch has its own phase gauge and ramp
+            obj[r0:r1, c0:c1] = out * np.complex64(dot / abs(dot)) if abs(dot) > 0 else out
+        return len(done)
+
+    def status(self) -> dict[str, Any]:
+        s = self.monitor.status()
+        return {**self.counters, "residual_p50": s["residual_median"], "residual_p95": s["residual_p95"],
+                "threshold": self.cfg.threshold, "every": self.cfg.every, "last_refine": self.last_refine,
+                "reference_phase_nrmse": s["reference_phase_nrmse"]}

@@ -1,0 +1,121 @@
+"""Per-pixel phase uncertainty from label-free stitch features: overlap disagreement, residual map, coverage.
+
+Every object pixel is predicted by each patch covering it (at 70 % overlap, several predictions from
+different diffraction patterns). With blending weights w (probe intensity) the stitchers keep Σw, Σw·z
+(after each patch's phase offset), Σw·|z|² and, for patches whose data-consistency residual r is known
+(pipeline.quality.ForwardResidual), Σw·r and Σw over those patches. Per pixel that gives the features
+
+    dis² = (Σw|z|²/Σw − |Σwz/Σw|²) / |Σwz/Σw|²    overlap disagreement (rad², small-angle)
+    R    = Σw·r / Σw_r / median(r)                probe-weighted residual of the covering patches,
+                                                  relative to the scan's median patch residual
+    1/cov = w_peak / Σw                           few covering patches (the scan's rim) → large
+    1                                             the error every patch shares (CNN bias, drift)
+
+and the published σ² is a nonnegative combination of them, the coefficients fitted on simulated scans
+against the true phase error (benchmarks/bench_uncertainty.py; figures in docs/refinement.md). A pixel no
+patch with a known residual covers (the live pipeline checks one frame in `quality.every`) uses the
+coefficients fitted without R. Pixels outside the scan get NaN.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FEATURES = ("dis2", "resid", "inv_cov", "one")
+# σ² = Σ coefficient·feature (FEATURES order). Nonnegative least squares of the squared true phase error
+# on the calibration seeds 101-102 of the 4 preset kinds, shipped `default` model, produced (and printed as
+# its last two lines) by
+#     nice -n 10 python benchmarks/bench_uncertainty.py --json --every 5
+# With R the coverage and floor terms came out 0: R (≈ 1 at the median patch) carries the shared error.
+SIGMA2_COEFFS = (0.51578, 0.04049, 0.0, 0.0)
+SIGMA2_COEFFS_NO_RESID = (0.69078, 0.0, 0.02554, 0.02479)
+# below this fraction of one patch's peak weight a pixel is outside the scan (as stitcher.MIN_WEIGHT_FRACTION)
+MIN_WEIGHT_FRACTION = 1e-3
+
+
+def features(num: np.ndarray, den: np.ndarray, sq: np.ndarray, peak_weight: float,
+             rnum: np.ndarray | None = None, rden: np.ndarray | None = None,
+             resid_ref: float | None = None) -> dict[str, np.ndarray]:
+    """Feature maps (float32, FEATURES names) from the running sums; NaN outside the scan, resid NaN unknown.
+
+    num = Σw·z, den = Σw, sq = Σw·|z|², rnum = Σw·r and rden = Σw over patches with a residual (optional),
+    `resid_ref` the scan's median patch residual (the residual's level differs between objects far more
+    than their error does: relative to the median it ranks pixels across kinds, absolute it did not).
+    `peak_weight`: one patch's maximum weight; less summed weight than MIN_WEIGHT_FRACTION of it is outside.
+    """
+    num, den, sq = np.asarray(num), np.asarray(den, np.float32), np.asarray(sq, np.float32)
+    good = den > MIN_WEIGHT_FRACTION * peak_weight
+    out = {k: np.full(den.shape, np.nan, np.float32) for k in FEATURES}
+    d = den[good]
+    mean2 = (num[good].real ** 2 + num[good].imag ** 2) / (d * d)
+    out["dis2"][good] = np.maximum(sq[good] / d - mean2, 0.0) / np.maximum(mean2, 1e-12)
+    out["inv_cov"][good] = peak_weight / d
+    out["one"][good] = 1.0
+    if rnum is not None and rden is not None and resid_ref is not None and resid_ref > 0:
+        rd = np.asarray(rden, np.float32)
+        known = good & (rd > MIN_WEIGHT_FRACTION * peak_weight)
+        out["resid"][known] = np.asarray(rnum, np.float32)[known] / (rd[known] * np.float32(resid_ref))
+    return out
+
+
+def sigma_from_features(f: dict[str, np.ndarray], coeffs=SIGMA2_COEFFS,
+                        coeffs_no_resid=SIGMA2_COEFFS_NO_RESID) -> np.ndarray:
+    """σ (rad, float32) = √(Σ c·feature); `coeffs_no_resid` where the residual map is unknown."""
+    s2 = np.zeros(f["one"].shape, np.float32)
+    s2_nr = np.zeros_like(s2)
+    for k, c, c0 in zip(FEATURES, coeffs, coeffs_no_resid, strict=True):
+        if k != "resid":
+            s2 += np.float32(c) * f[k]
+            s2_nr += np.float32(c0) * f[k]
+    r = f["resid"]
+    known = np.isfinite(r)
+    s2[known] += np.float32(coeffs[FEATURES.index("resid")]) * np.maximum(r[known], 0.0)
+    s2[~known] = s2_nr[~known]
+    return np.sqrt(np.maximum(s2, 0.0))  # NaN stays NaN outside the scan
+
+
+def phase_sigma(num: np.ndarray, den: np.ndarray, sq: np.ndarray, peak_weight: float,
+                rnum: np.ndarray | None = None, rden: np.ndarray | None = None, resid_ref: float | None = None,
+                coeffs=SIGMA2_COEFFS, coeffs_no_resid=SIGMA2_COEFFS_NO_RESID) -> np.ndarray:
+    """σ_φ (rad, float32) from the running sums (see `features`); NaN where undefined."""
+    return sigma_from_features(features(num, den, sq, peak_weight, rnum, rden, resid_ref), coeffs,
+                               coeffs_no_resid)
+
+
+def fit_sigma2(f: dict[str, np.ndarray], error: np.ndarray, use: tuple[str, ...] = FEATURES) -> tuple[float, ...]:
+    """Nonnegative coefficients (FEATURES order; 0 for features not in `use`) of E[error²] ≈ Σ c·feature.
+
+    `f`: 1-D feature arrays over the same pixels as `error`; pixels with a non-finite used feature are left
+    out. Least squares on the squared error estimates its conditional mean, which is what σ² should be.
+    """
+    from scipy.optimize import nnls
+
+    e = np.asarray(error, np.float64).ravel()
+    X = np.stack([np.asarray(f[k], np.float64).ravel() for k in use], 1)
+    ok = np.isfinite(X).all(1) & np.isfinite(e)
+    if not ok.any():
+        raise ValueError("no pixel with finite features to fit on")
+    X, y = X[ok], e[ok] ** 2
+    norm = np.maximum(np.sqrt((X ** 2).mean(0)), 1e-30)  # equalise columns: NNLS is scale-sensitive
+    c, _ = nnls(X / norm, y)
+    c = c / norm
+    return tuple(float(c[use.index(k)]) if k in use else 0.0 for k in FEATURES)
+
+
+def calibration_curve(sigma: np.ndarray, error: np.ndarray, bins: int = 12) -> dict[str, list[float]]:
+    """Quantile bins of predicted σ: mean σ, RMS true error and pixel count per bin (finite pixels only)."""
+    s, e = np.asarray(sigma, np.float64).ravel(), np.asarray(error, np.float64).ravel()
+    ok = np.isfinite(s) & np.isfinite(e)
+    s, e = s[ok], e[ok]
+    if s.size == 0:
+        return {"sigma": [], "rms_error": [], "count": []}
+    edges = np.unique(np.quantile(s, np.linspace(0, 1, bins + 1)))
+    idx = np.clip(np.searchsorted(edges, s, side="right") - 1, 0, len(edges) - 2)
+    out: dict[str, list[float]] = {"sigma": [], "rms_error": [], "count": []}
+    for b in range(len(edges) - 1):
+        k = idx == b
+        if k.any():
+            out["sigma"].append(float(s[k].mean()))
+            out["rms_error"].append(float(np.sqrt((e[k] ** 2).mean())))
+            out["count"].append(int(k.sum()))
+    return out
