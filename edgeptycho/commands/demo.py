@@ -134,8 +134,9 @@ def run(args: argparse.Namespace) -> int:
               f"(streamed, {art.name} on {backend.name}, batch {args.batch})")
         where = ("detector→publish" if key.startswith("detector") else
                  "ring→publish (at max rate: includes frames queued for the backend)")
-        print(f"latency {where}: p50 {result['latency_ms']['p50']} ms, p99 {result['latency_ms']['p99']} ms; "
-              f"pipeline overhead p99 {result['latency_ms']['overhead_p99']} ms")
+        lat_ms = result["latency_ms"]
+        print(f"latency {where}: p50 {lat_ms['p50']:.1f} ms, p99 {lat_ms['p99']:.1f} ms; "
+              f"pipeline overhead p99 {lat_ms['overhead_p99']:.2f} ms")
         print(f"dropped: {result['dropped']}; subscriber received {counter.counts['patch']} patches "
               f"({len(counter.ids)} unique of {scan.n_frames}), {counter.counts['mosaic']} mosaics")
         print(f"phase NRMSE {scores['phase_nrmse']:.4f}, complex NRMSE {scores['complex_nrmse']:.4f}, "

@@ -113,7 +113,10 @@ def reconstruct_scan(scan: Any, model: str | Path = "default", backend: str = "c
     dx = scan.object_pixel_m * factor
     t_load = time.perf_counter() - t0
     residual = on_batch = None
-    if scan.probe is not None and factor == 1:  # the residual needs the probe on the patch's pixel grid
+    from ..pipeline.uncertainty import residual_used
+
+    # the residual needs the probe on the patch's pixel grid; a caller keeping it (benchmarks) gets it anyway
+    if scan.probe is not None and factor == 1 and (residual_used() or keep is not None):
         from ..pipeline.quality import ForwardResidual
 
         fr = ForwardResidual(scan.probe, art.output_size, mask=scan.mask)

@@ -188,7 +188,9 @@ def generate(preset: Preset | str, n: int, out: str | Path, seed: int = 0, shard
     Chunk c draws from SeedSequence(seed).spawn(...)[c], so the data do not depend on `workers`; shards hold
     whole chunks (shard_size is rounded to a multiple of the chunk size).
     """
-    preset = load_preset(preset) if isinstance(preset, str) else preset
+    # the command records what was asked for: a preset YAML path, not just the name inside it
+    preset_arg = str(preset) if isinstance(preset, (str, Path)) else preset.name
+    preset = load_preset(preset) if isinstance(preset, (str, Path)) else preset
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     chunk = preset.data.chunk
@@ -243,7 +245,7 @@ def generate(preset: Preset | str, n: int, out: str | Path, seed: int = 0, shard
                   "(sub-pixel), phase minus its probe-intensity-weighted circular mean; weight = Σ|P|² "
                   "(peak 1) over that patch, one per chunk",
         "code_version": code_version(),
-        "command": f"edgeptycho dataset --preset-model {preset.name} --n {n} --out {out} --seed {seed} "
+        "command": f"edgeptycho dataset --preset-model {preset_arg} --n {n} --out {out} --seed {seed} "
                    f"--shard-size {per_shard}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
