@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from .epie_updates import Momentum, apply_update, clip_max, orthogonalize_modes, step_gain
-from .forward import _window_starts
+from .forward import window_starts
 from .fourier import back_propagate
 from .probes import incoherent_modes, normalize_probe, probe_diameter_px
 from .xp import ArrayBackend, get_backend
@@ -166,7 +166,7 @@ class _Solver:
         obj = np.asarray(obj)
         if obj.ndim != 2:
             raise ValueError(f"object must be 2-D (H, W), got shape {obj.shape}")
-        _window_starts(pos, n, obj.shape)  # raises, naming the position, if a window leaves the object
+        window_starts(pos, n, obj.shape)  # raises, naming the position, if a window leaves the object
         self.pos = pos.copy()
         self.pos0 = pos.copy()
         self.meas = b.asarray(measured_amplitudes(frames))
@@ -310,7 +310,7 @@ class _Solver:
         upd_probe = o.probe_update_start is not None and it >= o.probe_update_start
         upd_pos = o.position_update_start is not None and it >= o.position_update_start
         pos = self.pos if o.subpixel else np.round(self.pos)
-        starts, frac = _window_starts(pos, n, tuple(self.obj.shape))
+        starts, frac = window_starts(pos, n, tuple(self.obj.shape))
         moving = bool(frac.any())
         order = self.rng.permutation(len(pos))
         err = 0.0

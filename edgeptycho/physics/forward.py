@@ -24,7 +24,7 @@ def _as_modes(probe_modes: np.ndarray) -> np.ndarray:
     return p
 
 
-def _window_starts(positions_px: np.ndarray, n: int, obj_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def window_starts(positions_px: np.ndarray, n: int, obj_shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Integer top-left corners (N, 2) and fractional remainders in [0, 1) of windows centred on positions.
 
     A position p is the centre of the window (window index n//2): the window starts at floor(p) − n//2 and the
@@ -61,7 +61,7 @@ def extract_patches(obj: np.ndarray, positions_px: np.ndarray, n: int, subpixel:
     shifted probe with).
     """
     obj = np.asarray(obj)
-    starts, frac = _window_starts(positions_px, n, obj.shape)
+    starts, frac = window_starts(positions_px, n, obj.shape)
     obj = obj.astype(np.complex64, copy=False)
     if not subpixel or not frac.any():
         return _integer_patches(obj, starts, n)
@@ -91,7 +91,7 @@ def diffraction_intensity(obj: np.ndarray, probe_modes: np.ndarray, positions_px
         raise ValueError(f"object must be 2-D (H, W), got shape {obj.shape}")
     if obj.shape[0] < n or obj.shape[1] < n:
         raise ValueError(f"object {obj.shape} is smaller than the {n}x{n} probe window")
-    starts, frac = _window_starts(positions_px, n, obj.shape)
+    starts, frac = window_starts(positions_px, n, obj.shape)
     obj = obj.astype(np.complex64, copy=False)
     total = len(starts)
     out = np.empty((total, n, n), np.float32)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..physics.epie import EpieOptions, estimate_probe, solve
-from ..physics.forward import _window_starts
+from ..physics.forward import window_starts
 from ..physics.probes import fit_to_frame, probe_diameter_px
 from ..physics.types import Reconstruction, ScanData
 
@@ -109,7 +109,7 @@ def sub_problem(frames: np.ndarray, pos: np.ndarray, probe: np.ndarray, obj: np.
     idx = np.flatnonzero(near)
     if idx.size == 0:
         raise ValueError(f"no scan position illuminates the region rows {r0}:{r1}, cols {c0}:{c1}")
-    starts, _ = _window_starts(pos[idx], n, obj.shape)
+    starts, _ = window_starts(pos[idx], n, obj.shape)
     lo = starts.min(0)
     hi = starts.max(0) + n
     crop = obj[lo[0]:hi[0], lo[1]:hi[1]].copy()
