@@ -19,6 +19,9 @@ Cases:
   stitch      lsq vs greedy offsets on noisy patches with random offsets; Fourier vs rounded sub-pixel
               placement of true patches; live stitcher cost per patch; offline stitch time for 1000 patches.
   stitch-cnn  the same choices on the model's own patches of simulated scans, scored against the truth.
+  quality     the quality stage (forward residual) at quality.every = off / 16 / 4 / 1 on a simulated
+              siemens-star with its probe, no publisher, interleaved rounds: its thread CPU per frame and
+              the service's throughput.
 Wall-clock figures on a shared machine are noisy: compare ratios and repeat.
 """
 
@@ -225,6 +228,36 @@ def stitch_on_cnn(model: str = "default", presets: tuple[str, ...] = ("siemens-s
     return out
 
 
+def quality_cost(model: str, batch: int, frames: int, repeats: int,
+                 levels: tuple[int | None, ...] = (None, 16, 4, 1)) -> dict:
+    """Thread CPU per frame of the quality stage and the service's throughput per `quality.every`."""
+    from edgeptycho.hw.registry import open_backend
+    from edgeptycho.model.artifact import ModelArtifact
+    from edgeptycho.physics.simulate import preset, simulate
+    from edgeptycho.pipeline.runner import BatcherConfig, Pipeline, ScanInfo
+    from edgeptycho.pipeline.trust import QualityConfig
+    from edgeptycho.stream.ring import RingConfig
+    from edgeptycho.stream.sources.replay import ArraySource
+
+    art = ModelArtifact.load(model)
+    scan = simulate(preset("siemens-star").replace(scan={"n_positions": frames}), seed=7)
+    backend = open_backend("cpu", art.path, batch)
+    rows: dict[str, list] = {str(lv): [] for lv in levels}
+    try:
+        for _ in range(repeats):
+            for lv in levels:
+                q = QualityConfig(enabled=lv is not None, every=lv or 1)
+                pipe = Pipeline(ArraySource.from_scan(scan), backend, art.preprocess, art.output_size,
+                                RingConfig(slots=4 * batch), scan=ScanInfo.from_scan(scan), publisher=None,
+                                batcher=BatcherConfig(), model_info=art.metadata, quality=q)
+                rep = pipe.run(timeout=600)
+                rows[str(lv)].append((rep["throughput_hz"], rep["cpu_us_per_frame"].get("quality", 0.0)))
+    finally:
+        backend.close()
+    return {k: {"throughput_hz_median": statistics.median(r[0] for r in v),
+                "quality_cpu_us_per_frame_median": statistics.median(r[1] for r in v)} for k, v in rows.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="default")
@@ -233,7 +266,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int)
-    ap.add_argument("--only", choices=["efficiency", "rates", "nice", "switch", "stitch", "stitch-cnn"],
+    ap.add_argument("--only", choices=["efficiency", "rates", "nice", "switch", "stitch", "stitch-cnn", "quality"],
                     action="append")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -258,6 +291,8 @@ def main() -> None:
         res["stitch"] = stitch_cases()
     if "stitch-cnn" in only:
         res["stitch_cnn"] = stitch_on_cnn(args.model)
+    if "quality" in only:
+        res["quality"] = quality_cost(args.model, args.batch, args.frames, min(args.repeats, 3))
     print(json.dumps(res, indent=None if args.json else 2, default=float))
 
 
