@@ -99,6 +99,24 @@ def test_frames_over_threshold_are_refined_and_pasted_into_the_mosaic_and_the_cx
     assert not pipe.quality.refined  # every series' regions went into its final image
 
 
+@pytest.mark.slow
+def test_fallback_regions_are_solved_on_a_dask_scheduler_and_come_back(tiny, scan, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    # a separate worker process at a scheduler address: the path a cluster of refinement nodes takes
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                  dashboard_address=None) as cluster:
+        cfg = QualityConfig(every=1, threshold=1e-6, refine_delay=16, refine_iters=3, max_backlog=1000,
+                            dask=cluster.scheduler_address)
+        pipe, _, _ = _run(tiny, scan, cfg, tmp_path, publish=False)
+        q = pipe.status()["quality"]
+    assert q["regions_queued"] >= 2 and q["regions_done"] == q["regions_queued"] and q["regions_failed"] == 0
+    lr = q["last_refine"]
+    assert lr["residual_after"] < lr["residual_before"]  # the worker's solve fits the data better
+    assert not pipe.quality.refined  # its regions were pasted into the final image
+    rec = read_reconstruction(tmp_path / "r.cxi")
+    assert np.isfinite(rec.object).all()
+
+
 def test_no_probe_means_no_quality_stage(tiny, scan, tmp_path):
     art = ModelArtifact.load(tiny)
     info = ScanInfo.from_scan(scan)

@@ -29,7 +29,8 @@ class LiveStitcher:
 
     Adds run in one thread (the pipeline's stitch stage); snapshot() may be called from another thread at
     10–30 Hz. Snapshot reads the accumulators without the add lock: a display frame may show one patch
-    half-added, never a corrupt pixel, and the adds are never blocked. Only the region changed since the
+    half-added, never a corrupt pixel, and the adds are never blocked by a display. paste() (the refinement
+    thread) and add_batch() share one lock, since both read-modify-write the sums. Only the region changed since the
     previous snapshot is recomputed. Beside Σw·z (num) and Σw (den) it keeps Σw·|z|² (sq) and, for the
     patches that come with a residual, Σw·r and Σw: the uncertainty's inputs (pipeline.uncertainty),
     refreshed with the mosaic; R is relative to the median of the residuals added so far.
@@ -64,6 +65,7 @@ class LiveStitcher:
         self._dirty = [self.shape[0], self.shape[1], 0, 0]  # r0, c0, r1, c1 since the last snapshot
         self._dirty_lock = threading.Lock()
         self._snap_lock = threading.Lock()  # serialises snapshot callers (monitor, final writer), never adds
+        self._sums_lock = threading.Lock()  # add_batch vs paste: both read-modify-write the sums
         self.offsets: list[float] = []
         self._positions: list[np.ndarray] = []  # canvas positions per batch, for the ramp's pairs
         self.remove_ramp = remove_ramp
@@ -94,27 +96,10 @@ class LiveStitcher:
         offsets = np.zeros(n)
         H, W = self.shape
         r0b, c0b, r1b, c1b = H, W, 0, 0
-        for k in range(n):  # per-patch slicing: ~4k-pixel numpy ops; a batch depends on its own earlier patches
-            r, c = int(corners[k, 0]), int(corners[k, 1])
-            ra, ca, rb, cb = max(r, 0), max(c, 0), min(r + m, H), min(c + m, W)
-            if ra >= rb or ca >= cb:
-                continue  # wholly off the canvas
-            patch = u[k, ra - r:rb - r, ca - c:cb - c]
-            num = self._num[ra:rb, ca:cb]
-            s = complex(np.vdot(num, patch))  # Σ conj(mosaic)·patch: the patch's phase relative to the mosaic
-            a = abs(s)
-            if a > 0:
-                offsets[k] = math.atan2(s.imag, s.real)
-                num += patch * np.complex64(s.conjugate() / a)
-            else:
-                num += patch
-            self._den[ra:rb, ca:cb] += self.weight[ra - r:rb - r, ca - c:cb - c]
-            self._sq[ra:rb, ca:cb] += wz2[k, ra - r:rb - r, ca - c:cb - c]
-            if known[k]:
-                wk = self.weight[ra - r:rb - r, ca - c:cb - c]
-                self._rnum[ra:rb, ca:cb] += np.float32(rk[k]) * wk
-                self._rden[ra:rb, ca:cb] += wk
-            r0b, c0b, r1b, c1b = min(r0b, ra), min(c0b, ca), max(r1b, rb), max(c1b, cb)
+        with self._sums_lock:  # once per batch: a paste waits at most one batch's blending
+            for k in range(n):  # one patch at a time: each aligns to the mosaic its predecessors made
+                r0b, c0b, r1b, c1b = self._blend(k, corners[k], u, wz2, rk[k], known[k], offsets,
+                                                 (r0b, c0b, r1b, c1b))
         with self._dirty_lock:
             d = self._dirty
             self._dirty = [min(d[0], r0b), min(d[1], c0b), max(d[2], r1b), max(d[3], c1b)]
@@ -123,6 +108,31 @@ class LiveStitcher:
         self._resid.extend(rk[known].tolist())
         self.n_added += n
         return offsets
+
+    def _blend(self, k: int, corner: np.ndarray, u: np.ndarray, wz2: np.ndarray, rk: float, known: bool,
+               offsets: np.ndarray, box: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        """Blend patch k (phase-aligned to the mosaic) into the sums; returns the changed box grown by it."""
+        m, (H, W) = self.m, self.shape
+        r, c = int(corner[0]), int(corner[1])
+        ra, ca, rb, cb = max(r, 0), max(c, 0), min(r + m, H), min(c + m, W)
+        if ra >= rb or ca >= cb:
+            return box  # wholly off the canvas
+        patch = u[k, ra - r:rb - r, ca - c:cb - c]
+        num = self._num[ra:rb, ca:cb]
+        s = complex(np.vdot(num, patch))  # Σ conj(mosaic)·patch: the patch's phase relative to the mosaic
+        a = abs(s)
+        if a > 0:
+            offsets[k] = math.atan2(s.imag, s.real)
+            num += patch * np.complex64(s.conjugate() / a)
+        else:
+            num += patch
+        wk = self.weight[ra - r:rb - r, ca - c:cb - c]
+        self._den[ra:rb, ca:cb] += wk
+        self._sq[ra:rb, ca:cb] += wz2[k, ra - r:rb - r, ca - c:cb - c]
+        if known:
+            self._rnum[ra:rb, ca:cb] += np.float32(rk) * wk
+            self._rden[ra:rb, ca:cb] += wk
+        return min(box[0], ra), min(box[1], ca), max(box[2], rb), max(box[3], cb)
 
     def _refresh(self) -> None:
         """Recompute the mosaic (and its amplitude and phase) where patches landed since the last call."""
@@ -182,7 +192,7 @@ class LiveStitcher:
 
         The sums are rescaled so that later patches keep blending in with their usual weight; the spread
         (uncertainty) of the box is kept, since refinement gives no per-pixel spread of its own. Called from
-        the refinement thread: a patch added to the same pixels at that instant may lose its contribution.
+        the refinement thread; it waits while a batch is being blended, so no patch's contribution is lost.
         """
         r0, r1, c0, c1 = (int(v) for v in box)
         values = np.asarray(values, np.complex64)
@@ -191,16 +201,17 @@ class LiveStitcher:
         if self.ramp != (0.0, 0.0):  # values come from the rendered (ramp-removed) mosaic; the sums have it
             values = values * np.conj(self._er[r0:r1, None] * self._ec[None, c0:c1])
         num, den, sq = self._num[r0:r1, c0:c1], self._den[r0:r1, c0:c1], self._sq[r0:r1, c0:c1]
-        dot = complex(np.vdot(values, num))  # the mosaic's phase gauge, as solve_sub keeps the seed's
-        if abs(dot) > 0:
-            values = values * np.complex64(dot / abs(dot))
-        good = den > self._thresh
-        d = den[good]
-        mean2 = np.abs(num[good]) ** 2 / (d * d)
-        rel = np.maximum(sq[good] / d - mean2, 0) / np.maximum(mean2, 1e-12)  # σ² kept: spread / |mean|²
-        v = values[good]
-        num[good] = v * d
-        sq[good] = np.abs(v) ** 2 * (1 + rel) * d
+        with self._sums_lock:
+            dot = complex(np.vdot(values, num))  # the mosaic's phase gauge, as solve_sub keeps the seed's
+            if abs(dot) > 0:
+                values = values * np.complex64(dot / abs(dot))
+            good = den > self._thresh
+            d = den[good]
+            mean2 = np.abs(num[good]) ** 2 / (d * d)
+            rel = np.maximum(sq[good] / d - mean2, 0) / np.maximum(mean2, 1e-12)  # σ² kept: spread / |mean|²
+            v = values[good]
+            num[good] = v * d
+            sq[good] = np.abs(v) ** 2 * (1 + rel) * d
         with self._dirty_lock:
             d = self._dirty
             self._dirty = [min(d[0], r0), min(d[1], c0), max(d[2], r1), max(d[3], c1)]
