@@ -7,9 +7,17 @@ import pytest
 import torch
 
 from edgeptycho.model import train as train_mod
-from edgeptycho.model.dataset import generate
+from edgeptycho.model.dataset import generate, read_manifest
 from edgeptycho.model.network import build_network, load_preset
-from edgeptycho.model.train import PairData, TrainSettings, evaluate, patch_loss, train, wrap_phase
+from edgeptycho.model.train import (
+    PairData,
+    TrainSettings,
+    evaluate,
+    patch_loss,
+    split_data,
+    train,
+    wrap_phase,
+)
 
 
 def _preset():
@@ -101,8 +109,28 @@ def test_init_warm_starts_from_weights_only(tmp_path, data_dir):
 
 def test_init_refuses_another_architecture(tmp_path, data_dir):
     train(_preset(), data_dir, tmp_path / "a", _settings(epochs=1), progress=False, log=lambda s: None)
-    other = _preset()
-    other.network.widths = [w * 2 for w in other.network.widths]
-    with pytest.raises(ValueError, match="different architecture"):
-        train(other, data_dir, tmp_path / "b", _settings(epochs=1), progress=False, log=lambda s: None,
-              init=tmp_path / "a" / "best.pt")
+    deeper, narrower = _preset(), _preset()
+    deeper.network.encoder_blocks = 2
+    narrower.network.widths = [max(1, w // 2) for w in narrower.network.widths]
+    for other, why in ((deeper, "only widths may differ"), (narrower, "widths may only grow")):
+        with pytest.raises(ValueError, match=why):
+            train(other, data_dir, tmp_path / "b", _settings(epochs=1), progress=False, log=lambda s: None,
+                  init=tmp_path / "a" / "best.pt")
+
+
+def test_init_grows_a_shipped_model_into_a_wider_preset(tmp_path, data_dir):
+    """`--init tiny` on a wider tiny: the zoo's weights, widened, start where the shipped model is."""
+    wide = _preset()
+    wide.network.widths = [w * 2 for w in wide.network.widths]
+    lines: list[str] = []
+    res = train(wide, data_dir, tmp_path / "w", _settings(epochs=1, lr=1e-5), progress=False, log=lines.append,
+                init="tiny")
+    assert any("widened" in ln and "tiny" in ln for ln in lines)
+    from edgeptycho.model.artifact import ModelArtifact
+    from edgeptycho.model.export import model_from_onnx
+
+    shipped = model_from_onnx(ModelArtifact.load("tiny"))
+    arrays, _, val_rows, _ = split_data(data_dir, read_manifest(data_dir), wide.training.val_fraction, None)
+    val = PairData(arrays, val_rows, True)
+    # a tiny learning rate barely moves it: the widened start scores what the shipped model scores
+    assert res.history[0]["val_loss"] == pytest.approx(evaluate(shipped, val, _preset())["loss"], rel=0.05)

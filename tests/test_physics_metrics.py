@@ -120,6 +120,21 @@ def test_evaluate_perfect_offset_and_binned_reconstructions(scan):
     assert method == "fourier" and fine["resampling"] == "fourier" and fine["complex_nrmse"] < 1e-6
 
 
+def test_edge_breakdown_separates_the_rim_from_the_interior(scan):
+    """Errors confined to the outer band of the illuminated region: the interior scores 0, the band all of it."""
+    from scipy.ndimage import distance_transform_edt
+
+    truth, dx = scan.object_truth, scan.object_pixel_m
+    mask = metrics.illuminated_mask(truth.shape, scan.probe, scan.positions_m / dx)
+    band = mask & (distance_transform_edt(mask) <= 4)
+    noisy = truth * np.exp(1j * np.where(band, np.random.default_rng(0).normal(0, 0.5, truth.shape), 0))
+    res = metrics.evaluate(Reconstruction(noisy, dx, scan.positions_m), scan, edge_px=4)
+    assert res["phase_nrmse"] > 0.02
+    assert res["phase_nrmse_interior"] < 1e-6 and res["edge_error_share"] > 0.999  # (the whole-mask offset)
+    inside = metrics.evaluate(Reconstruction(noisy, dx, scan.positions_m), scan, edge_px=1)
+    assert inside["phase_nrmse_interior"] > 0.02 and inside["edge_error_share"] < 1.0  # band wider than 1 px
+
+
 def test_evaluate_needs_ground_truth(scan):
     from dataclasses import replace
     with pytest.raises(ValueError, match="object_truth"):

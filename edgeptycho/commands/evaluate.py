@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "simulated scan CXI, whose own ground truth is then scored")
     parser.add_argument("--truth", type=Path, required=True,
                         help="simulated scan CXI holding the ground truth at entry_1/sample_1/object_truth")
+    parser.add_argument("--edge-px", type=float, default=10.0,
+                        help="width of the illuminated region's edge band, in object pixels, for "
+                             "phase_nrmse_interior (the region without it) and edge_error_share (default 10)")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
 
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.truth}: no ground truth at entry_1/sample_1/object_truth "
                              "(only simulated scans carry one)")
         # The metrics need the truth, positions and probe, not the frames: those stay on disk.
-        result = evaluate(recon, scan_file)
+        result = evaluate(recon, scan_file, edge_px=args.edge_px)
     if args.json:
         print(json.dumps(jsonable(result), indent=2))
     else:

@@ -19,9 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, help="batch size (default: the preset's recipe)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the preset's recipe)")
     parser.add_argument("--resume", type=Path, metavar="CKPT", help="continue from a last.pt checkpoint")
-    parser.add_argument("--init", type=Path, metavar="CKPT",
-                        help="start from these weights (best.pt or last.pt of the same architecture) with a fresh "
-                             "optimiser and schedule: specialise a broad model on a narrower training set")
+    parser.add_argument("--init", metavar="CKPT",
+                        help="start from these weights with a fresh optimiser and schedule: a best.pt/last.pt, an "
+                             ".onnx model or a zoo name (e.g. default), of the preset's architecture or of a "
+                             "narrower one of the family (widened without changing its outputs); specialises a "
+                             "broad model on a narrower training set, or grows a shipped one")
     parser.add_argument("--seed", type=int, default=0, help="random seed (weights and batch order)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--val-shards", type=int, help="held-out shards for validation (default: the recipe's fraction)")

@@ -92,6 +92,19 @@ def draw_object(rng: np.random.Generator, kind: str, data: DataSpec, side: int) 
                                _uniform(rng, data.amplitude_min), **params)
 
 
+def draw_positions(rng: np.random.Generator, data: DataSpec, side: int, n: int, count: int) -> np.ndarray:
+    """(count, 2) sub-pixel window centres inside a side² object: uniform, except a `centre_fraction` share
+    uniform over the disc of `centre_radius_px` about the centre (clipped so every window stays inside)."""
+    lo, hi = n // 2 + 1, side - n // 2 - 2
+    pos = rng.uniform(lo, hi, size=(count, 2))
+    k = int(round(data.centre_fraction * count))
+    if k:
+        r = data.centre_radius_px * np.sqrt(rng.random(k))  # uniform over the disc's area
+        t = rng.uniform(0.0, 2.0 * np.pi, k)
+        pos[:k] = np.clip((side - 1) / 2.0 + np.stack([r * np.sin(t), r * np.cos(t)], axis=1), lo, hi)
+    return pos
+
+
 def make_chunk(preset: Preset, seq: np.random.SeedSequence, index: int, n_samples: int) -> dict[str, np.ndarray]:
     """`n_samples` training pairs sharing one random object and one random probe, all from `seq`.
 
@@ -106,8 +119,7 @@ def make_chunk(preset: Preset, seq: np.random.SeedSequence, index: int, n_sample
     side = data.object_windows * n
     obj = draw_object(rng, kind, data, side)
     modes, info = draw_probe(rng, data, n)
-    lo, hi = n // 2 + 1, side - n // 2 - 2
-    pos = rng.uniform(lo, hi, size=(n_samples, 2))
+    pos = draw_positions(rng, data, side, n, n_samples)
     intensity = forward.diffraction_intensity(obj, modes, pos)
     log_dose = rng.uniform(np.log10(data.dose[0]), np.log10(data.dose[1]), n_samples)
     noise_rng = np.random.default_rng(rng.integers(2**63))

@@ -130,6 +130,11 @@ class DataSpec:
     amplitude_min: list[float] = field(default_factory=lambda: [0.5, 1.0])
     object_windows: int = 3     # object side = object_windows × frame_size; patch centres drawn inside
     chunk: int = 256            # samples sharing one object and one probe
+    # share of each chunk's positions drawn uniformly from a disc of `centre_radius_px` about the object's
+    # centre, as a beamline scan of a test object is: uniform positions alone put ~1 % of the samples on a
+    # Siemens star's finest (central) spokes, which a centred scan spends most of its positions on
+    centre_fraction: float = 0.0
+    centre_radius_px: float = 170.0
 
     def __post_init__(self) -> None:
         for name in ("dose", "beam_px", "outer_zone_m", "central_stop", "gaussian_fwhm_px",
@@ -139,6 +144,9 @@ class DataSpec:
                 raise ValueError(f"{name} must be a range [low, high], got {lo_hi}")
         if self.max_modes < 1 or self.chunk < 1 or self.object_windows < 2:
             raise ValueError("max_modes and chunk must be >= 1 and object_windows >= 2")
+        if not 0.0 <= self.centre_fraction <= 1.0 or self.centre_radius_px <= 0:
+            raise ValueError(f"centre_fraction must be in [0, 1] and centre_radius_px > 0, got "
+                             f"{self.centre_fraction}, {self.centre_radius_px}")
 
 
 @dataclass

@@ -169,6 +169,36 @@ def plot_history(history: list[dict[str, Any]], steps: list[tuple[int, float]], 
     plt.close(fig)
 
 
+def warm_start(init: str | Path, preset: Preset, seed: int = 0) -> tuple[PtychoNet, str]:
+    """The weights `init` names (a best.pt/last.pt checkpoint, an .onnx artifact or a zoo name) as a `preset`
+    network: as they are for the same architecture, widened without changing the outputs (model.grow) for a
+    narrower member of the family; anything else is refused. Returns the network and a line saying what."""
+    p = Path(init)
+    if p.suffix == ".pt":
+        start = torch.load(p, map_location="cpu", weights_only=True)
+        src_preset = preset_from_dict(start["preset"])
+        model = build_network(src_preset.network)
+        model.load_state_dict(start["model"])
+        what = f"{p} (epoch {start['epoch']}, validation {start['best_val']:.4f})"
+    else:
+        from .artifact import ModelArtifact
+        from .export import model_from_onnx
+
+        art = ModelArtifact.load(init)  # a zoo name or an .onnx path; the sha256 is checked
+        model, src_preset = model_from_onnx(art), preset_from_dict(art.metadata["architecture"])
+        what = f"{art.path} ({art.name} {art.metadata.get('version', '')})"
+    if src_preset.network == preset.network:
+        return model.train(), what
+    from .grow import widen
+
+    try:
+        wide = widen(model, preset.network, seed)
+    except ValueError as exc:
+        raise ValueError(f"--init {init} is a '{src_preset.name}' network that preset '{preset.name}' cannot "
+                         f"start from: {exc}") from None
+    return wide.train(), f"{what}, widened {src_preset.network.widths} → {preset.network.widths}"
+
+
 def train(preset: Preset | str, data_dir: str | Path, out: str | Path, settings: TrainSettings,
           resume: str | Path | None = None, progress: bool = True,
           log: Callable[[str], None] = print, reproduce: list[str] | None = None,
@@ -201,12 +231,8 @@ def train(preset: Preset | str, data_dir: str | Path, out: str | Path, settings:
         raise ValueError(f"{len(train_data)} training pairs is less than one batch of {settings.batch}")
     model = build_network(preset.network)
     if init is not None and ckpt is None:
-        start = torch.load(init, map_location="cpu", weights_only=True)
-        if preset_from_dict(start["preset"]).network != preset.network:
-            raise ValueError(f"--init {init} is a '{start['preset']['name']}' network; preset '{preset.name}' "
-                             f"has a different architecture")
-        model.load_state_dict(start["model"])
-        log(f"initialised weights from {init} (epoch {start['epoch']}, validation {start['best_val']:.4f})")
+        model, what = warm_start(init, preset, settings.seed)
+        log(f"initialised weights from {what}")
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=preset.training.weight_decay)
     sched = _scheduler(opt, preset.training.schedule, settings.lr, settings.epochs * steps_per_epoch)
     start_epoch, best_val, best_epoch = 1, math.inf, 0
