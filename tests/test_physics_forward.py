@@ -112,6 +112,11 @@ def test_crop_center_keeps_zero_frequency_and_bin_conserves_counts():
     binned = forward.bin_frames(frames, 4)
     assert binned.shape == (3, 16, 16) and binned.dtype == np.uint32
     np.testing.assert_array_equal(binned.sum(axis=(1, 2)), frames.sum(axis=(1, 2)))
+    for b in (2, 4):  # the strided float path (model input, residual) sums exactly what the integer path does
+        for dtype in (np.uint16, np.uint32, np.float32):
+            f = frames.astype(dtype)
+            np.testing.assert_array_equal(forward.bin_frames(f, b, dtype=np.float32),
+                                          forward.bin_frames(frames, b).astype(np.float32))
     with pytest.raises(ValueError, match="bin factor"):
         forward.bin_frames(frames, 3)
     with pytest.raises(ValueError, match="crop size"):

@@ -180,14 +180,16 @@ def bin_frames(frames: np.ndarray, b: int, dtype: np.dtype | type | None = None)
     if b == 1:
         return frames if dtype is None else frames.astype(dtype, copy=False)
     if dtype is not None:
-        # Strided sums, columns then rows: ~10x faster than reshape(...).sum(axis=(-3, -1), dtype=dtype), a
-        # multi-axis reduction with a cast that dominated the serve loop's CPU time. Same result, same dtype.
-        cols = frames[..., 0::b].astype(dtype)
-        for j in range(1, b):
-            cols += frames[..., j::b].astype(dtype)  # a same-type add: mixed-type adds are 3x slower
-        out = cols[..., 0::b, :].copy()
+        # Strided sums, rows then columns: ~10x faster than reshape(...).sum(axis=(-3, -1), dtype=dtype), a
+        # multi-axis reduction with a cast that dominated the serve loop's CPU time. Rows first, because a
+        # row slice is contiguous: the casts and adds over the full frame run on unit-stride data, and only
+        # the half-size pass strides (4 frames of 256² uint32: 28 vs 36 µs/frame columns first).
+        rows = frames[..., 0::b, :].astype(dtype)
         for i in range(1, b):
-            out += cols[..., i::b, :]
+            rows += frames[..., i::b, :].astype(dtype)  # a same-type add: mixed-type adds are 3x slower
+        out = rows[..., 0::b].copy()
+        for j in range(1, b):
+            out += rows[..., j::b]
         return out
     acc = np.uint64 if np.issubdtype(frames.dtype, np.integer) else None
     out = frames.reshape(*frames.shape[:-2], h // b, b, w // b, b).sum(axis=(-3, -1), dtype=acc)
