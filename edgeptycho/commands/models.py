@@ -48,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
         print("no models shipped in edgeptycho/model/zoo")
         return 0
     if args.presets:
-        print(f"{'preset':<12} {'frame':>5} {'bin':>3} {'in':>4} {'out':>4} {'params':>10} {'GFLOP':>7}  upsample")
+        w = max(12, *(len(r["name"]) for r in rows))
+        print(f"{'preset':<{w}} {'frame':>5} {'bin':>3} {'in':>4} {'out':>4} {'params':>10} {'GFLOP':>7}  upsample")
         for r in rows:
-            print(f"{r['name']:<12} {r['frame']:>5} {r['bin']:>3} {r['input']:>4} {r['output']:>4} "
+            print(f"{r['name']:<{w}} {r['frame']:>5} {r['bin']:>3} {r['input']:>4} {r['output']:>4} "
                   f"{r['parameters']:>10,} {r['gflop']:>7.3f}  {r['upsample']}")
         return 0
     print(f"{'model':<14} {'aliases':<10} {'in':>4} {'out':>4} {'bin':>3} {'params':>10} {'GFLOP':>7} "

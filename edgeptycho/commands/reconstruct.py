@@ -175,9 +175,10 @@ def run(args: argparse.Namespace) -> int:
         times["write"] = time.perf_counter() - t1
         n = scan.n_frames
     total = time.perf_counter() - t0
-    how = f"model {recon.program.get('model', 'none')} on {args.backend}" if not iterative_only else "rPIE only"
-    print(f"reconstructed {n} frames with {how}" + (f" + {n_iters} iterations" if n_iters and not iterative_only else
-                                                    f", {n_iters} iterations" if n_iters else "") + f" → {args.out}")
+    method = str(recon.program.get("method", "")).replace("pie", "PIE")  # as refine() ran it: ePIE, rPIE, mPIE
+    how = f"model {recon.program.get('model', 'none')} on {args.backend}" if not iterative_only else f"{method} only"
+    print(f"reconstructed {n} frames with {how}" + (f" + {n_iters} {method} iterations" if n_iters and not iterative_only
+                                                    else f", {n_iters} iterations" if n_iters else "") + f" → {args.out}")
     for k, v in times.items():
         print(f"  {k:<11s} {v * 1e3:9.1f} ms")
     rate = f"  ({n / times['infer']:.0f} patterns/s inference)" if times.get("infer") else ""
