@@ -281,7 +281,8 @@ class Subscriber:
         self.sock = self._ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
-        for t in topics:
+        self.topics = list(topics)
+        for t in self.topics:
             if t not in TOPICS:
                 raise ValueError(f"unknown topic {t!r}; topics are {TOPICS}")
             self.sock.setsockopt(zmq.SUBSCRIBE, t.encode())
@@ -304,7 +305,20 @@ class Subscriber:
             if msg is not None:
                 yield msg
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 0.05) -> None:
+        """Unsubscribe, take what is still in flight (up to `drain_s`), then close.
+
+        libzmq 4.3 can abort the process (errno_assert in session_base.cpp, libzmq#3442) when a socket is
+        torn down with a multipart message half-delivered; our messages are multipart. Unsubscribing first
+        stops new ones, and reading until the line is quiet leaves nothing half-delivered.
+        """
+        if self.sock.closed:
+            return
+        for t in self.topics:
+            self.sock.setsockopt(zmq.UNSUBSCRIBE, t.encode())
+        deadline = time.monotonic() + drain_s
+        while time.monotonic() < deadline and self.sock.poll(5):
+            self.sock.recv_multipart(copy=False)
         self.sock.close(linger=0)
 
     def __enter__(self) -> Subscriber:
