@@ -137,6 +137,7 @@ class ZmqPositionFeed:
         self.table, self.endpoint, self.malformed, self.received = table, endpoint, 0, 0
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB if pattern == "sub" else zmq.PULL)
+        self._topics = [topic] if pattern == "sub" else []
         if pattern == "sub":
             self._sock.setsockopt(zmq.SUBSCRIBE, topic)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -148,6 +149,8 @@ class ZmqPositionFeed:
     def _run(self) -> None:
         import zmq
 
+        from .publish import close_receiver
+
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
         try:
@@ -157,7 +160,7 @@ class ZmqPositionFeed:
                 parts = self._sock.recv_multipart()
                 self.handle(parts[-1])
         finally:
-            self._sock.close(0)
+            close_receiver(self._sock, self._topics)  # never mid-message: libzmq can abort the process
 
     def handle(self, payload: bytes) -> bool:
         """Apply one message; False (and counted) when it is not a position message."""

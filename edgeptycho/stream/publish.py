@@ -272,6 +272,23 @@ def decode(parts: list[Any]) -> Message:
     return Message(topic, header, arrays)
 
 
+def close_receiver(sock: zmq.Socket, topics: Iterable[bytes] = (), drain_s: float = 0.05) -> None:
+    """Close a receiving socket (SUB, PULL) without leaving a multipart message half-delivered.
+
+    libzmq 4.3 can abort the whole process (errno_assert in session_base.cpp, libzmq#3442) when a socket
+    is torn down mid-message, and our messages are multipart. A SUB unsubscribes from `topics` first, so
+    no new ones come; then what is in flight is read until the line is quiet (at most `drain_s`).
+    """
+    if sock.closed:
+        return
+    for t in topics:
+        sock.setsockopt(zmq.UNSUBSCRIBE, t)
+    deadline = time.monotonic() + drain_s
+    while time.monotonic() < deadline and sock.poll(5):
+        sock.recv_multipart(copy=False)
+    sock.close(linger=0)
+
+
 class Subscriber:
     """The reference reader: SUB socket → validated Messages. Iterating skips (and counts) invalid ones."""
 
@@ -306,20 +323,7 @@ class Subscriber:
                 yield msg
 
     def close(self, drain_s: float = 0.05) -> None:
-        """Unsubscribe, take what is still in flight (up to `drain_s`), then close.
-
-        libzmq 4.3 can abort the process (errno_assert in session_base.cpp, libzmq#3442) when a socket is
-        torn down with a multipart message half-delivered; our messages are multipart. Unsubscribing first
-        stops new ones, and reading until the line is quiet leaves nothing half-delivered.
-        """
-        if self.sock.closed:
-            return
-        for t in self.topics:
-            self.sock.setsockopt(zmq.UNSUBSCRIBE, t.encode())
-        deadline = time.monotonic() + drain_s
-        while time.monotonic() < deadline and self.sock.poll(5):
-            self.sock.recv_multipart(copy=False)
-        self.sock.close(linger=0)
+        close_receiver(self.sock, [t.encode() for t in self.topics], drain_s)
 
     def __enter__(self) -> Subscriber:
         return self
