@@ -176,3 +176,18 @@ def test_runs_are_preprocessed_in_cache_sized_chunks_with_the_same_result(setup)
     thread.start()
     got = port.get()
     np.testing.assert_allclose(got.inputs[:8], preprocess(frames[:8], art.preprocess), rtol=1e-6)
+
+
+def test_detector_roi_puts_the_models_zero_frequency_on_the_beam():
+    from edgeptycho.pipeline.batcher import detector_roi
+
+    assert detector_roi((256, 256), 256) is None  # the model's own frame size: no region needed
+    # EIGER 500K (514 x 1030), default: centred on the frame's zero-frequency pixel (h//2, w//2)
+    r, c, n = detector_roi((514, 1030), 256)
+    assert (r + n // 2, c + n // 2) == (257, 515) and n == 256
+    r, c, _ = detector_roi((514, 1030), 256, (300.4, 600.6))  # a beam off centre, rounded to a pixel
+    assert (r + 128, c + 128) == (300, 601)
+    with pytest.raises(ValueError, match="roi_center"):
+        detector_roi((514, 1030), 256, (100, 600))  # rows -28..228: off the detector
+    with pytest.raises(ValueError, match="smaller"):
+        detector_roi((200, 1030), 256)

@@ -252,3 +252,40 @@ def test_frames_without_positions_are_published_but_not_placed(tiny_artifact, sc
     assert rep["frames_published"] == scan.n_frames and rep["errors"] == []
     assert pipe.post.counters["unplaced"] == scan.n_frames
     assert rep["written"] == [] and not (tmp_path / "r.cxi").exists()
+
+
+def test_a_larger_detector_is_read_through_its_region_of_interest(tiny_artifact, scan):
+    """Frames of a bigger detector (beam off centre, bright junk outside the ROI, a bad-pixel mask): the
+    pipeline reads the model-sized square around source.roi_center and gives what the cropped frames give."""
+    from dataclasses import replace
+
+    from edgeptycho.pipeline.trust import QualityConfig
+
+    n, (r0, c0), big = scan.frame_size, (11, 30), (90, 110)
+    frames = np.full((scan.n_frames, *big), 50_000, scan.frames.dtype)
+    frames[:, r0:r0 + n, c0:c0 + n] = scan.frames
+    mask = np.zeros(big, np.uint32)
+    mask[r0 + 5, c0 + 7] = mask[r0 + 40, c0 + 2] = 1
+    centre = (r0 + n // 2, c0 + n // 2)
+    quality = QualityConfig(every=4, max_backlog=1000)  # never skips a batch: the same frames are checked
+
+    def run(src_frames, mask_, **kw):
+        info = replace(ScanInfo.from_scan(scan), mask=mask_)
+        art = ModelArtifact.load(tiny_artifact)
+        pipe = Pipeline(ArraySource(src_frames, scan.positions_px(), scan.positions_m), open_backend(
+            "cpu", art.path, 16, threads=1), art.preprocess, art.output_size, RingConfig(slots=16), scan=info,
+            model_info=art.metadata, quality=quality, **kw)
+        rep = pipe.run(timeout=60)
+        pipe.backend.close()
+        return rep, pipe.results[0], pipe.status()["quality"]
+
+    rep_a, ref, q_a = run(scan.frames, mask[r0:r0 + n, c0:c0 + n])
+    rep_b, got, q_b = run(frames, mask, roi_center=centre)
+    assert rep_b["frames_published"] == scan.n_frames and rep_b["copies_per_frame"]["slot_to_input"] == 1.0
+    np.testing.assert_array_equal(got.object, ref.object)
+    assert q_b["checked"] == q_a["checked"] > 0  # the residual sees the same region and mask
+    assert q_b["residual_p50"] == q_a["residual_p50"] and q_b["residual_p95"] == q_a["residual_p95"]
+    with pytest.raises(ValueError, match="roi_center"):
+        run(frames, mask, roi_center=(10, 20))  # a 64-px square around it leaves the frame
+    with pytest.raises(ValueError, match="smaller than the model"):
+        run(frames[:, :60, :60], None)

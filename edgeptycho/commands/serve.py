@@ -216,7 +216,7 @@ def build_pipeline(cfg: ServeConfig, publisher: Any = None) -> Pipeline:
         pipe = Pipeline(source, backend, art.preprocess, art.output_size, cfg.ring, frame, info, publisher,
                         cfg.batcher, cfg.backend.inflight, cfg.stitch, cfg.output, art.metadata, allocator,
                         cfg.publish.status_hz, cfg.scan_id, cfg.nice, quality=cfg.quality,
-                        switch_interval_ms=cfg.switch_interval_ms)
+                        switch_interval_ms=cfg.switch_interval_ms, roi_center=cfg.source.roi_center)
     except BaseException:
         backend.close()
         raise

@@ -127,6 +127,28 @@ class BatchPool:
         return self._free.depth()
 
 
+def detector_roi(frame: tuple[int, int], size: int, center: tuple[float, float] | None = None
+                 ) -> tuple[int, int, int] | None:
+    """(row, col, size) of the model-sized square of a larger detector frame centred on `center` (the direct
+    beam, detector pixels; default the frame's centre), or None when the frame is that size already.
+
+    The square's own centre pixel (size // 2, where zero frequency sits in the model's frames) lands on the
+    rounded `center`. A frame smaller than the model's, or a square reaching past the frame, is an error
+    that names the setting (source.roi_center).
+    """
+    h, w = (int(v) for v in frame)
+    if (h, w) == (size, size):
+        return None
+    if h < size or w < size:
+        raise ValueError(f"detector frames {h}x{w} are smaller than the model's {size}x{size} frames")
+    cy, cx = (h // 2, w // 2) if center is None else center  # zero frequency sits at index h//2 by default
+    r0, c0 = int(round(cy)) - size // 2, int(round(cx)) - size // 2
+    if r0 < 0 or c0 < 0 or r0 + size > h or c0 + size > w:
+        raise ValueError(f"source.roi_center {[cy, cx]}: a {size}x{size} region around it leaves the {h}x{w} "
+                         f"frame (rows {r0}..{r0 + size}, cols {c0}..{c0 + size})")
+    return r0, c0, size
+
+
 class Batcher:
     """Ring → preprocess into pooled input batches → `out` port. Run `run()` in its own thread.
 
@@ -138,7 +160,7 @@ class Batcher:
     def __init__(self, ring: FrameRing, pool: BatchPool, out: Any, spec: PreprocessSpec,
                  telemetry: Telemetry, max_wait_s: float = 0.005, mask: np.ndarray | None = None,
                  scale: float = 1.0, stop: threading.Event | None = None,
-                 gate: Any = None):
+                 gate: Any = None, roi: tuple[int, int, int] | None = None):
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.ring, self.pool, self.out, self.spec = ring, pool, out, spec
@@ -146,6 +168,9 @@ class Batcher:
         self.stop = stop or threading.Event()  # hard stop: quit without draining
         # `gate` (the InferStage): ready() → a flushed batch would start at once; wait_ready(timeout).
         self.gate = gate
+        # (row, col, size): the model reads this square of each (larger) detector frame, through a view of
+        # the ring slot, so the region costs no copy; masks are cut to it too (detector_roi)
+        self.roi = roi
         # Without a fixed mask: mask_provider(series_id) gives each series' detector mask (a DECTRIS series
         # header carries it, and the next series may bring another). Looked up once per series.
         self.mask_provider: Any = None
@@ -191,18 +216,31 @@ class Batcher:
             self._series_mask, self._mask_series = self.mask_provider(series_id), series_id
         return self._series_mask
 
+    def cut_mask(self, mask: np.ndarray | None) -> np.ndarray | None:
+        """A full-frame detector mask as the model sees it (its region of interest)."""
+        if self.roi is None or mask is None:
+            return mask
+        r, c, n = self.roi
+        return mask[r:r + n, c:c + n]
+
+    def _cut(self, view: np.ndarray, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.roi is not None:
+            r, c, n = self.roi
+            view = view[:, r:r + n, c:c + n]
+        return view, self.cut_mask(mask)
+
     def _runs(self, batch: Any) -> list[tuple[int, int, np.ndarray, np.ndarray | None]]:
         """(i, j, slab view, mask) per run of consecutive slots of one series (usually one or two runs)."""
         sid = batch.meta["series_id"]
         runs = self.ring.segments(batch.slots)
         if sid[0] == sid[-1]:  # a take never crosses an end-of-series marker: the usual case
             mask = self.mask_of(int(sid[0]))
-            return [(i, j, view, mask) for i, j, view in runs]
+            return [(i, j, *self._cut(view, mask)) for i, j, view in runs]
         out = []
         cuts = (np.flatnonzero(np.diff(sid)) + 1).tolist()
         for i, j, view in runs:  # a series change without an end marker: split the runs there too
             edges = [i, *[c for c in cuts if i < c < j], j]
-            out += [(a, b, view[a - i:b - i], self.mask_of(int(sid[a])))
+            out += [(a, b, *self._cut(view[a - i:b - i], self.mask_of(int(sid[a]))))
                     for a, b in zip(edges[:-1], edges[1:], strict=True)]
         return out
 

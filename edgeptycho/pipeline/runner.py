@@ -17,7 +17,7 @@ from edgeptycho.hw.base import Backend
 from edgeptycho.stream.ring import FrameRing, RingConfig
 from edgeptycho.stream.sources.base import Source
 
-from .batcher import Batcher, BatchPool
+from .batcher import Batcher, BatchPool, detector_roi
 from .settings import (  # noqa: F401  (re-exported: the settings were defined here before)
     DEFAULT_SWITCH_MS,
     BackendConfig,
@@ -74,7 +74,7 @@ class Pipeline:
                  inflight: int = 2, stitch: StitchConfig | None = None, output: OutputConfig | None = None,
                  model_info: dict[str, Any] | None = None, ring_allocator: Any = None, status_hz: float = 1.0,
                  scan_id: str = "", nice: int = 0, quality: QualityConfig | None = None,
-                 switch_interval_ms: float | None = DEFAULT_SWITCH_MS):
+                 switch_interval_ms: float | None = DEFAULT_SWITCH_MS, roi_center: Any = None):
         self.source, self.backend, self.spec = source, backend, preprocess
         self.publisher, self.model_info = publisher, model_info or {}
         bcfg, self.stitch_cfg, self.output = batcher or BatcherConfig(), stitch or StitchConfig(), output or OutputConfig()
@@ -83,8 +83,20 @@ class Pipeline:
             raise ValueError("the source does not know its frame shape: give source.frame_shape and source.dtype")
         (h, w), dtype = frame
         n_in = backend.input_spec.shape[-1]
-        if preprocess.input_size(w) != n_in:
-            raise ValueError(f"frames {h}x{w} preprocess ({preprocess}) to {preprocess.input_size(w)} px, "
+        # a detector larger than the model's frames: the model reads a model-sized square of each frame
+        size = int(self.model_info.get("frame_size") or (0 if preprocess.crop else n_in * preprocess.bin))
+        roi = None
+        if roi_center is not None or (size and (h, w) != (size, size) and
+                                      (h != w or preprocess.input_size(w) != n_in)):
+            if not size:
+                raise ValueError("source.roi_center: the model's metadata does not give its detector frame size")
+            roi = detector_roi((h, w), size, roi_center)
+        if roi is not None:
+            log.info("detector %dx%d: the model reads rows %d..%d, cols %d..%d", h, w, roi[0], roi[0] + size,
+                     roi[1], roi[1] + size)
+        fw = size if roi is not None else w  # the side of the frames the model sees
+        if preprocess.input_size(fw) != n_in:
+            raise ValueError(f"frames {h}x{fw} preprocess ({preprocess}) to {preprocess.input_size(fw)} px, "
                              f"but the model takes {n_in}")
         ring_cfg = ring_cfg or RingConfig()
         self.ring = FrameRing.from_config(ring_cfg, (h, w), dtype, ring_allocator)
@@ -96,7 +108,7 @@ class Pipeline:
         self.source_stop = threading.Event()
         scan = scan or ScanInfo()
         m = int(output_size)
-        factor = preprocess.pixel_size_factor(w)
+        factor = preprocess.pixel_size_factor(fw)
         self.probe = scan.probe
         self.weight = (probe_weight(scan.probe, m) if scan.probe is not None
                        else probe_weight(_gaussian(max(m, 2), m / 2.0), m))
@@ -111,11 +123,11 @@ class Pipeline:
         self.infer = InferStage(backend, self.p_batch, self.p_post, self.telemetry, inflight, self.halt)
         self.batcher = Batcher(self.ring, self.pool, self.p_batch, preprocess, self.telemetry,
                                bcfg.max_wait_ms / 1e3, mask=scan.mask, scale=scale, stop=self.halt,
-                               gate=self.infer)
+                               gate=self.infer, roi=roi)
         if scan.mask is None:  # detector sources learn the mask per series, from its header
             self.batcher.mask_provider = getattr(source, "mask_for", None)
         self.pub_lock = threading.Lock()
-        self.quality = self._quality_stage(quality, scan, m, w, factor, dtype)
+        self.quality = self._quality_stage(quality, scan, m, fw, factor, dtype)
         self.post = PostStage(self.p_check if self.quality else self.p_post, self.pool, self.telemetry, self.weight, self.geometry, publisher,
                               self.pub_lock, self.p_write, self.output.keep_max, self.halt)
         self.writer = SeriesWriter(self.p_write, self.weight, self.geometry, self._on_series, self.halt)
@@ -158,7 +170,7 @@ class Pipeline:
             return None
         self.p_check = Port("checked", self.pool_size)
         stage = QualityStage(self.p_post, self.p_check, cfg, scan.probe, m, frame, self.geometry,
-                             lambda: self.post.stitcher, scan.mask, self.halt)
+                             lambda: self.post.stitcher, self.batcher.cut_mask(scan.mask), self.halt)
         self.batcher.tap = QualityTap(cfg.every, self.pool.batch_size, (frame, frame), dtype, stage.backlogged)
         return stage
 

@@ -62,8 +62,13 @@ class SourceConfig:
     dtype: str = "uint32"  # tcp/shm without a file: pixel dtype
     pixel_m: float | None = None  # object pixel size (m) when the source does not carry it
     positions: str | None = None  # dectris: scan positions by frame id (CXI, .npy or text; PositionTable)
+    # detector frames larger than the model's: the model-sized region of interest is centred on this
+    # detector pixel [row, col] (the direct beam); null = the frame's centre
+    roi_center: list[float] | None = None
 
     def __post_init__(self) -> None:
+        if self.roi_center is not None and len(self.roi_center) != 2:
+            raise ValueError(f"source.roi_center must be [row, col] (detector pixels), got {self.roi_center}")
         if self.kind in ("replay", "array") and not self.path:
             raise ValueError(f"source.kind '{self.kind}' needs source.path")
         if self.rate_hz is not None and self.rate_hz <= 0:
