@@ -135,14 +135,23 @@ class ShmSource(Source):
         stats, buf = self.stats, bytearray(HEADER_SIZE * 256)
         view, have = memoryview(buf), 0
         credits = np.empty(ring.n_slots, "<i4")
+        producer_done = False  # it closed its end: grant nothing more, but read every record it sent first
         while not stop.is_set():
             n = 0
-            while (slot := ring.try_acquire()) is not None:  # grant every free slot
+            while not producer_done and (slot := ring.try_acquire()) is not None:  # grant every free slot
                 credits[n] = slot
                 granted[slot] = True
                 n += 1
             if n:
-                conn.sendall(memoryview(credits[:n]).cast("B"))
+                try:
+                    conn.sendall(memoryview(credits[:n]).cast("B"))
+                except (BrokenPipeError, ConnectionResetError):
+                    # A producer closes right after its last record (END_STREAM): those records are still
+                    # in our receive buffer, and dropping them here lost frames from the accounting.
+                    producer_done = True
+                    for slot in credits[:n].tolist():
+                        granted[slot] = False
+                        ring.abort(slot)
             readable, _, _ = select.select([conn, wake_r], [], [], 0.1)
             if wake_r in readable:
                 os.read(wake_r, 4096)
