@@ -153,6 +153,10 @@ def test_each_scan_gets_its_own_final_reconstruction(tiny_artifact, scan, tmp_pa
     assert sorted(pipe.results) == [7, 8]
     assert sorted(rep["written"]) == [str(tmp_path / "s7.cxi"), str(tmp_path / "s8.cxi")]
     assert rep["batches"]["end"] == 2
+    # each series keeps its own live mosaic after it ends (refinements may land after the next one starts)
+    a, b = pipe.post.stitcher_for(7), pipe.post.stitcher_for(8)
+    assert a is not None and b is not None and a is not b
+    assert a.n_added == b.n_added == scan.n_frames and pipe.post.stitcher_for(9) is None
 
 
 def test_frames_are_preprocessed_into_the_batch_in_order(tiny_artifact, scan):

@@ -170,7 +170,8 @@ class Pipeline:
             return None
         self.p_check = Port("checked", self.pool_size)
         stage = QualityStage(self.p_post, self.p_check, cfg, scan.probe, m, frame, self.geometry,
-                             lambda: self.post.stitcher, self.batcher.cut_mask(scan.mask), self.halt)
+                             lambda sid: self.post.stitcher_for(sid), self.batcher.cut_mask(scan.mask),
+                             self.halt)
         self.batcher.tap = QualityTap(cfg.every, self.pool.batch_size, (frame, frame), dtype, stage.backlogged)
         return stage
 

@@ -153,12 +153,21 @@ class PostStage:
         self.m = int(weight.shape[-1])
         self.series: SeriesRecord | None = None
         self.counters = {"published": 0, "publish_dropped": 0, "unplaced": 0, "series": 0, "errors": 0}
+        self._ended: dict[int, LiveStitcher] = {}  # the last few ended series' mosaics (stitcher_for)
         self.last_error = ""
 
     @property
     def stitcher(self) -> LiveStitcher | None:
         s = self.series
         return None if s is None else s.stitcher
+
+    def stitcher_for(self, series_id: int) -> LiveStitcher | None:
+        """That series' live mosaic: the current one, or one of the last few ended (refinements of a series
+        may finish after this stage has moved on to the next); None before its first patch is placed."""
+        s = self.series
+        if s is not None and s.series_id == series_id:
+            return s.stitcher
+        return self._ended.get(series_id)
 
     def _new_stitcher(self, pos: np.ndarray) -> LiveStitcher:
         g = self.geometry
@@ -216,6 +225,10 @@ class PostStage:
 
     def _end_series(self, series_id: int | None) -> None:
         rec = self.series
+        if rec is not None and rec.stitcher is not None:
+            self._ended[rec.series_id] = rec.stitcher
+            while len(self._ended) > 4:
+                self._ended.pop(next(iter(self._ended)))
         if rec is not None and self.writer is not None:
             self.writer.put(rec)
         self.series = None

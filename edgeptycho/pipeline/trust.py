@@ -21,6 +21,7 @@ import logging
 import math
 import queue
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +110,7 @@ class QualityStage:
     """Thread between InferStage and PostStage: residuals, fallback regions, references (module docstring)."""
 
     def __init__(self, inp: Port, out: Port, cfg: QualityConfig, probe: np.ndarray, m: int, frame: int,
-                 geometry: Any, stitcher_of: Any, mask: np.ndarray | None = None,
+                 geometry: Any, stitcher_of: Any, mask: np.ndarray | None = None,  # stitcher_of(series_id)
                  stop: threading.Event | None = None):
         p = np.asarray(probe)
         p = p[None] if p.ndim == 2 else p
@@ -224,15 +225,16 @@ class QualityStage:
         self.counters["regions_queued"] += 1
 
     def _release(self, final: bool) -> None:
-        st = self.stitcher_of()
-        if st is None and not final:  # no patch placed yet: wait for the mosaic to seed from
+        if not final and self.stitcher_of(self._series) is None:  # no patch placed yet: nothing to seed from
             return
         due = [r for r in self._pending if final or r.due <= self._stored]
         if not due:
             return
         self._pending = [r for r in self._pending if r not in due]
         for r in due:
-            r.stitcher = st
+            # this stage runs ahead of the one that places patches: at the end of a short series the mosaic
+            # may not exist yet, and the refiner looks it up again (_mosaic_of)
+            r.stitcher = self.stitcher_of(r.series_id)
             with self._cond:
                 self._busy_series[r.series_id] = self._busy_series.get(r.series_id, 0) + 1
             self._jobs.put((r, self._near(r)))
@@ -283,8 +285,16 @@ class QualityStage:
             self._client = dask_client(None if self.cfg.dask == "local" else self.cfg.dask)
         return self._client.submit(solve_sub, job, n_iters, EpieOptions(), pure=False).result()
 
+    def _mosaic_of(self, reg: Region, timeout: float = 30.0) -> Any:
+        """The region's live mosaic, waiting (refiner thread only) until its first patch has been placed."""
+        deadline = time.monotonic() + timeout
+        while reg.stitcher is None and time.monotonic() < deadline and not self.stop.is_set():
+            time.sleep(0.01)
+            reg.stitcher = self.stitcher_of(reg.series_id)
+        return reg.stitcher
+
     def _refine(self, reg: Region, store: tuple[np.ndarray, np.ndarray] | None) -> None:
-        if reg.stitcher is None or store is None:
+        if self._mosaic_of(reg) is None or store is None:
             raise ValueError("no live mosaic or no kept frames for this series")
         frames, pos = store
         pos = pos - np.asarray(reg.stitcher.origin_px)  # canvas pixels
