@@ -15,3 +15,22 @@ def test_refine_method_is_applied_and_recorded(tmp_path):
         assert main(["reconstruct", str(scan_path), "--model", "none", "--refine-iters", "3", *extra,
                      "--out", str(out)]) == 0
         assert read_reconstruction(out).program["method"] == (method or "mpie")
+
+
+def test_threads_reach_the_refinements_fft_workers(tmp_path, monkeypatch):
+    """`--threads 1` on a shared machine must hold the solver to one core too, not only the backend."""
+    from edgeptycho.physics import xp
+
+    seen: list[int] = []
+    real = xp.get_backend
+
+    def spy(name="numpy", device=None, workers=-1):
+        seen.append(workers)
+        return real(name, device, workers)
+
+    monkeypatch.setattr("edgeptycho.physics.epie.get_backend", spy)
+    scan_path = tmp_path / "scan.cxi"
+    assert main(["simulate", "--preset", "small", "--seed", "6", "--out", str(scan_path), "--no-progress"]) == 0
+    assert main(["reconstruct", str(scan_path), "--model", "none", "--refine-iters", "2", "--threads", "1",
+                 "--out", str(tmp_path / "r.cxi")]) == 0
+    assert seen == [1]

@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", default="cpu", help="HAL backend (edgeptycho backends lists them)")
     parser.add_argument("--precision", default="fp32", help="backend precision (fp32, fp16, int8)")
     parser.add_argument("--batch", type=int, default=32, help="inference batch size")
-    parser.add_argument("--threads", type=int, help="CPU backend threads (default: physical cores)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for the backend and the refinement's FFTs (default: all cores)")
     parser.add_argument("--stitch", choices=("lsq", "greedy", "none"), default="lsq",
                         help="phase-offset reconciliation between overlapping patches")
     parser.add_argument("--refine-iters", type=int, default=0, metavar="N",
@@ -164,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
             t_r = time.perf_counter()
             seed_program = recon.program if recon is not None else {"program": "edgeptycho reconstruct", "model": "none"}
             method = {"method": args.refine_method} if args.refine_method else {}
+            if args.threads:
+                method["workers"] = args.threads  # scipy.fft threads of the solver
             refined = refine(scan.to_scan(), recon, n_iters=n_iters, **method)
             refined.program = {**seed_program, **refined.program, "refine_iters": str(n_iters)}
             refined.metrics = {**(recon.metrics if recon is not None else {}), **refined.metrics}
