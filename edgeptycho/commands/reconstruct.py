@@ -164,10 +164,10 @@ def run(args: argparse.Namespace) -> int:
             # Refinement sweeps every frame many times: read them from disk once.
             t_r = time.perf_counter()
             seed_program = recon.program if recon is not None else {"program": "edgeptycho reconstruct", "model": "none"}
-            method = {"method": args.refine_method} if args.refine_method else {}
+            overrides: dict[str, Any] = {"method": args.refine_method} if args.refine_method else {}
             if args.threads:
-                method["workers"] = args.threads  # scipy.fft threads of the solver
-            refined = refine(scan.to_scan(), recon, n_iters=n_iters, **method)
+                overrides["workers"] = args.threads  # scipy.fft threads of the solver
+            refined = refine(scan.to_scan(), recon, n_iters=n_iters, **overrides)
             refined.program = {**seed_program, **refined.program, "refine_iters": str(n_iters)}
             refined.metrics = {**(recon.metrics if recon is not None else {}), **refined.metrics}
             times["refine"] = time.perf_counter() - t_r

@@ -110,7 +110,7 @@ class QualityStage:
     """Thread between InferStage and PostStage: residuals, fallback regions, references (module docstring)."""
 
     def __init__(self, inp: Port, out: Port, cfg: QualityConfig, probe: np.ndarray, m: int, frame: int,
-                 geometry: Any, stitcher_of: Any, mask: np.ndarray | None = None,  # stitcher_of(series_id)
+                 geometry: Any, stitcher_of: Any, mask: np.ndarray | None = None,
                  stop: threading.Event | None = None):
         p = np.asarray(probe)
         p = p[None] if p.ndim == 2 else p
@@ -120,6 +120,7 @@ class QualityStage:
         while frame % e:  # the e-grid must be a binning of the frame
             e += 1
         self.inp, self.out, self.cfg, self.m, self.n, self.e = inp, out, cfg, int(m), int(frame), e
+        # stitcher_of(series_id): that series' live mosaic, None before its first patch (PostStage.stitcher_for)
         self.geometry, self.stitcher_of = geometry, stitcher_of
         self.stop = stop or threading.Event()
         o = frame // 2 - e // 2
