@@ -103,3 +103,39 @@ def test_telemetry_is_explicit(tiny_onnx):
     with open_backend("cpu", tiny_onnx.path, 2) as b:
         tel = b.telemetry()
     assert "power_w" in tel and (tel["power_w"] is not None or tel["unavailable"])
+
+
+def test_parallel_sessions_compute_the_same_results_in_any_wait_order(tiny_onnx, tiny_inputs, reference):
+    with open_backend("cpu", tiny_onnx.path, 4, threads=2, workers=2) as b:
+        assert b.workers == 2 and len(b.sessions) == 2 and b.wait_from_other_thread
+        batches = [np.ascontiguousarray(tiny_inputs[i:i + 4]) for i in (0, 4)]
+        outs = [b.new_outputs(), b.new_outputs()]
+        tickets = [b.submit(x, o) for x, o in zip(batches, outs, strict=True)]  # both in flight at once
+        for i in (1, 0):  # waited out of order: each ticket still gets its own batch's results
+            got = b.wait(tickets[i])
+            np.testing.assert_allclose(got["phase"], reference["phase"][4 * i:4 * i + 4], rtol=1e-5, atol=1e-6)
+        # a third submit reuses the first session: it must not overwrite a batch still being read
+        out = b.infer(tiny_inputs)  # 10 frames through alternating sessions
+    for name, ref in reference.items():
+        np.testing.assert_allclose(out[name], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_workers_are_checked_and_default_to_two_sessions_on_two_cores(tiny_onnx):
+    with open_backend("cpu", tiny_onnx.path, 4, threads=2) as b:
+        assert b.workers == 2
+    with open_backend("cpu", tiny_onnx.path, 4, threads=1) as b:
+        assert b.workers == 1 and not b.wait_from_other_thread  # one session computes inside submit()
+    with pytest.raises(ValueError, match="workers"):
+        open_backend("cpu", tiny_onnx.path, 4, threads=2, workers=3)
+    with pytest.raises(ValueError, match="workers"):
+        open_backend("jetson-emu", tiny_onnx.path, 4, threads=2, workers=2)
+
+
+def test_a_failed_run_on_a_session_thread_is_raised_by_wait(tiny_onnx, tiny_inputs):
+    with open_backend("cpu", tiny_onnx.path, 4, threads=2, workers=2) as b:
+        batch = np.ascontiguousarray(tiny_inputs[:4])
+        outputs = b.new_outputs()
+        b.sessions[0].run_with_iobinding = None  # the session breaks on its own thread
+        ticket = b.submit(batch, outputs)
+        with pytest.raises(TypeError):
+            b.wait(ticket)

@@ -293,3 +293,33 @@ def test_a_larger_detector_is_read_through_its_region_of_interest(tiny_artifact,
         run(frames, mask, roi_center=(10, 20))  # a 64-px square around it leaves the frame
     with pytest.raises(ValueError, match="smaller than the model"):
         run(frames[:, :60, :60], None)
+
+
+def test_parallel_cpu_sessions_keep_every_frame_once_and_in_order(tiny_artifact, scan):
+    art = ModelArtifact.load(tiny_artifact)
+    backend = open_backend("cpu", art.path, 8, threads=2, workers=2)
+    pub = Publisher("tcp://127.0.0.1:*")
+    sub = Collector(pub.endpoint)
+    pipe = _pipeline(tiny_artifact, ArraySource.from_scan(scan), scan, publisher=pub, backend=backend)
+    assert pipe.infer.split and pipe.infer.inflight == 2  # a waiter thread completes while the next submits
+    rep = pipe.run(timeout=60)
+    sub.close(expect_patches=scan.n_frames)
+    pub.close()
+    backend.close()
+    assert rep["frames_published"] == scan.n_frames and rep["dropped"] == 0 and not rep["errors"]
+    assert sub.patch_ids == list(range(scan.n_frames))
+    assert 0 < rep["backend_busy_fraction"] <= 1.0  # overlapping batches count once
+
+
+def test_a_backend_failing_in_wait_stops_the_pipeline_with_the_error(tiny_artifact, scan):
+    class FailsInWait(SlowBackend):
+        def wait(self, ticket):
+            raise RuntimeError("lost the device while waiting")
+
+    art = ModelArtifact.load(tiny_artifact)
+    backend = open_backend("cpu", art.path, 16, threads=2, workers=2)
+    pipe = _pipeline(tiny_artifact, ArraySource.from_scan(scan), scan, backend=FailsInWait(backend, 0.0))
+    pipe.start(warmup=False)
+    assert pipe.wait(30)  # no hang: the waiter's error reaches the submitting thread, every stage exits
+    assert any("lost the device while waiting" in e for e in pipe.report()["errors"])
+    backend.close()

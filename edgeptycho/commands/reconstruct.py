@@ -73,25 +73,40 @@ def infer_scan(scan: Any, artifact: Any, backend: str = "cpu", batch: int = 32, 
     times = {"read": 0.0, "preprocess": 0.0, "infer": 0.0}
     with open_backend(backend, artifact.path, batch, precision, **opts) as be:
         spec = be.input_spec
-        inp = be.allocator().empty(spec.shape, spec.dtype)
-        outputs = be.new_outputs()
-        for s in range(0, n, batch):
+        alloc = be.allocator()
+        # two buffers: batch k+1 is read and preprocessed (and, on an asynchronous backend such as the cpu
+        # backend's parallel sessions, submitted) while batch k is still running
+        inputs = [alloc.empty(spec.shape, spec.dtype) for _ in range(2)]
+        outputs = [be.new_outputs(), be.new_outputs()]
+        pending: list[tuple[Any, int, int, np.ndarray]] = []
+
+        def finish() -> None:
+            ticket, s, e, frames = pending.pop(0)
+            t0 = time.perf_counter()
+            out = be.wait(ticket)
+            amp[s:e] = out["amplitude"][: e - s, 0]
+            phase[s:e] = out["phase"][: e - s, 0]
+            t1 = time.perf_counter()
+            times["infer"] += t1 - t0
+            if on_batch is not None:  # timed apart: the inference figures stay comparable
+                on_batch(s, frames, amp[s:e], phase[s:e])
+                times["residual"] = times.get("residual", 0.0) + time.perf_counter() - t1
+
+        for k, s in enumerate(range(0, n, batch)):
             e = min(n, s + batch)
+            if len(pending) == 2:
+                finish()  # its buffers are about to be refilled
             t0 = time.perf_counter()
             frames = np.asarray(scan.frames[s:e])
             t1 = time.perf_counter()
-            preprocess_into(frames, inp, artifact.preprocess, scan.mask, spec.scale)
+            preprocess_into(frames, inputs[k % 2], artifact.preprocess, scan.mask, spec.scale)
             t2 = time.perf_counter()
-            out = be.wait(be.submit(inp, outputs, n=e - s))
-            amp[s:e] = out["amplitude"][: e - s, 0]
-            phase[s:e] = out["phase"][: e - s, 0]
-            t3 = time.perf_counter()
-            if on_batch is not None:  # timed apart: the inference figures stay comparable
-                on_batch(s, frames, amp[s:e], phase[s:e])
-                times["residual"] = times.get("residual", 0.0) + time.perf_counter() - t3
+            pending.append((be.submit(inputs[k % 2], outputs[k % 2], n=e - s), s, e, frames))
             times["read"] += t1 - t0
             times["preprocess"] += t2 - t1
-            times["infer"] += t3 - t2
+            times["infer"] += time.perf_counter() - t2
+        while pending:
+            finish()
     return amp, phase, times
 
 

@@ -208,7 +208,7 @@ def build_pipeline(cfg: ServeConfig, publisher: Any = None) -> Pipeline:
         from edgeptycho.physics.probes import load_probe
 
         info.probe = load_probe(cfg.stitch.probe)
-    opts = {"threads": cfg.backend.threads} if cfg.backend.threads else {}
+    opts = {k: v for k, v in (("threads", cfg.backend.threads), ("workers", cfg.backend.workers)) if v}
     backend = open_backend(cfg.backend.name, art.path, cfg.backend.batch, cfg.backend.precision, **opts)
     try:
         if publisher is None and cfg.publish.enabled:

@@ -138,6 +138,10 @@ class Backend(abc.ABC):
     name: ClassVar[str] = "abstract"
     precisions: ClassVar[tuple[str, ...]] = ("fp32",)
     profile: ClassVar[str | None] = None  # hw/profiles/<profile>.yaml describing the target device
+    # True where wait() may run on another thread than submit(), concurrently with the next submit(): the
+    # pipeline then waits on a thread of its own and keeps every in-flight slot busy. Off unless proven safe
+    # for the SDK (VART wants one thread per runner).
+    wait_from_other_thread: bool = False
 
     def __init__(self, model_path: str | Path, batch_size: int, precision: str = "fp32", **options: Any):
         if batch_size < 1:
@@ -231,14 +235,23 @@ class Backend(abc.ABC):
         results: dict[str, list[np.ndarray]] = {s.name: [] for s in self.output_spec}
         # An int8 (fix_point) input is quantised by submit() when handed float32: never cast floats to int8 here.
         quantised_input = np.issubdtype(spec.dtype, np.integer) and np.issubdtype(x.dtype, np.floating)
-        batch = np.zeros(spec.shape, dtype=np.float32 if quantised_input else spec.dtype)
-        outputs = self.new_outputs()
-        for start in range(0, len(x), self.batch_size):
+        batches = [np.zeros(spec.shape, dtype=np.float32 if quantised_input else spec.dtype) for _ in range(2)]
+        outputs = [self.new_outputs(), self.new_outputs()]
+        pending: list[tuple[Ticket, int]] = []  # double-buffered: an asynchronous backend runs two at once
+
+        def collect() -> None:
+            ticket, rows = pending.pop(0)
+            for name, arr in self.wait(ticket).items():
+                results[name].append(arr[:rows].copy())
+
+        for k, start in enumerate(range(0, len(x), self.batch_size)):
+            if len(pending) == 2:
+                collect()
             chunk = x[start:start + self.batch_size]
-            batch[: len(chunk)] = chunk
-            out = self.wait(self.submit(batch, outputs, n=len(chunk)))
-            for name, arr in out.items():
-                results[name].append(arr[: len(chunk)].copy())
+            batches[k % 2][: len(chunk)] = chunk
+            pending.append((self.submit(batches[k % 2], outputs[k % 2], n=len(chunk)), len(chunk)))
+        while pending:
+            collect()
         return {k: np.concatenate(v) if v else np.empty((0,)) for k, v in results.items()}
 
     def __enter__(self) -> Backend:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable, TensorSpec, Ticket
+from .base import Backend, BackendUnavailable, InFlight, TensorSpec, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,22 @@ def _dims(value_info) -> list[int | str]:
 class CpuBackend(Backend):
     """ONNX Runtime on the host CPU: the embedded default, and the FP32 reference every backend is checked against.
 
-    Options: ``threads`` (intra-op, default physical cores), ``spinning`` (idle threads busy-wait; default
-    False), ``graph_optimization`` ("disable" | "basic" |
-    "extended" | "all", default "all"). Precision ``int8`` means the model file is already QDQ-quantised.
+    Options: ``threads`` (cores the backend uses, default physical cores), ``workers`` (sessions running
+    batches concurrently, each on its own thread with threads/workers intra-op threads; default 2 where
+    threads >= 2), ``spinning`` (idle threads busy-wait; default False), ``graph_optimization`` ("disable" |
+    "basic" | "extended" | "all", default "all"). Precision ``int8`` means the model file is already QDQ-quantised.
+
+    With one worker, submit() computes synchronously. With several, submit() hands the batch to the next
+    session's thread and returns; wait() blocks for it. Two one-thread sessions on 2 cores beat one two-thread
+    session by 10-30 % (no parallel-for barriers), and a helper thread that takes a core for a moment delays
+    one batch instead of stalling both threads of every operator (docs/BENCHMARKS.md, "cpu workers").
     """
 
     name = "cpu"
     precisions = ("fp32", "int8")
     profile = "cpu"
     default_optimization = "all"
+    multi_session = True  # emulators keep one session: their submit() stages data in shared buffers
 
     @classmethod
     def probe(cls) -> None:
@@ -65,9 +73,31 @@ class CpuBackend(Backend):
         if not self.model_path.is_file():
             raise FileNotFoundError(f"model file not found: {self.model_path}")
         self.run_path = self._prepare_model()
-        so = ort.SessionOptions()
         self.threads = int(options.get("threads") or physical_cores())
-        so.intra_op_num_threads = self.threads
+        default_workers = 2 if self.multi_session and self.threads >= 2 else 1
+        self.workers = int(options.get("workers") or default_workers)
+        if not 1 <= self.workers <= self.threads:
+            raise ValueError(f"{self.name}: workers must be between 1 and threads ({self.threads}), got {self.workers}")
+        if self.workers > 1 and not self.multi_session:
+            raise ValueError(f"{self.name}: workers > 1 is not supported (one session emulates the device)")
+        # threads split over the sessions: 3 threads, 2 workers -> 2 + 1
+        split = [self.threads // self.workers + (i < self.threads % self.workers) for i in range(self.workers)]
+        self.sessions = [self._session(ort, t, options) for t in split]
+        self.session = self.sessions[0]
+        self._ios = [s.io_binding() for s in self.sessions]
+        self._input_spec, self._output_spec, self._static_batch = self._specs()
+        self._count = 0
+        self._pools: list[ThreadPoolExecutor] = []
+        self._inflight: InFlight | None = None
+        if self.workers > 1:  # one thread per session, so each session only ever runs one batch at a time
+            self._pools = [ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-session{i}")
+                           for i in range(self.workers)]
+            self._inflight = InFlight(self.workers, lambda ticket: ticket.handle.result())
+        self.wait_from_other_thread = self._inflight is not None  # futures: waitable from any thread
+
+    def _session(self, ort: Any, threads: int, options: dict[str, Any]) -> Any:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Idle intra-op threads spin by default, burning the cores the serve loop's other threads (and other
@@ -83,10 +113,7 @@ class CpuBackend(Backend):
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[level]
-        self.session = ort.InferenceSession(str(self.run_path), so, providers=["CPUExecutionProvider"])
-        self._io = self.session.io_binding()
-        self._input_spec, self._output_spec, self._static_batch = self._specs()
-        self._count = 0
+        return ort.InferenceSession(str(self.run_path), so, providers=["CPUExecutionProvider"])
 
     # --- model -----------------------------------------------------------------------------------------
     def _prepare_model(self) -> Path:
@@ -128,14 +155,14 @@ class CpuBackend(Backend):
         return in_spec, out_specs, static
 
     # --- running ---------------------------------------------------------------------------------------
-    def _run(self, x: np.ndarray, outputs: dict[str, np.ndarray], rows: int) -> None:
+    def _run(self, x: np.ndarray, outputs: dict[str, np.ndarray], rows: int, worker: int = 0) -> None:
         """Run the first `rows` frames of float32 `x` straight into `outputs` (pointer binding, no copies)."""
-        io = self._io
+        io = self._ios[worker]
         spec = self._input_spec
         io.bind_input(spec.name, "cpu", 0, np.float32, [rows, *spec.shape[1:]], x.ctypes.data)
         for s in self._output_spec:
             io.bind_output(s.name, "cpu", 0, np.float32, [rows, *s.shape[1:]], outputs[s.name].ctypes.data)
-        self.session.run_with_iobinding(io)
+        self.sessions[worker].run_with_iobinding(io)
 
     def submit(self, inputs: np.ndarray, outputs: dict[str, np.ndarray], n: int | None = None) -> Ticket:
         n = self.check_batch(inputs, outputs, n)
@@ -143,13 +170,19 @@ class CpuBackend(Backend):
         rows = self._static_batch or n
         if rows > len(inputs) or any(len(outputs[s.name]) < rows for s in self._output_spec):
             raise ValueError(f"{self.name}: fixed-batch model needs full {rows}-frame input and output buffers")
-        self._run(inputs, outputs, rows)
-        ticket = Ticket(self._count, n, outputs)
-        self._count += 1
-        return ticket
+        if self._inflight is None:  # one session: ONNX Runtime computes here
+            self._run(inputs, outputs, rows)
+            ticket = Ticket(self._count, n, outputs)
+            self._count += 1
+            return ticket
+        worker = self._inflight.next_slot()  # round robin; waits first if that session is still busy
+        job = self._pools[worker].submit(self._run, inputs, outputs, rows, worker)
+        return self._inflight.issue(worker, n, outputs, handle=job)
 
     def wait(self, ticket: Ticket) -> dict[str, np.ndarray]:
-        return ticket.outputs  # ONNX Runtime ran synchronously in submit()
+        if self._inflight is None:
+            return ticket.outputs  # ONNX Runtime ran synchronously in submit()
+        return self._inflight.complete(ticket)  # re-raises a failed run's exception here
 
     def telemetry(self) -> dict[str, Any]:
         from .power import cpu_telemetry
@@ -157,6 +190,12 @@ class CpuBackend(Backend):
         return cpu_telemetry()
 
     def close(self) -> None:
-        self._io = None
-        self.session = None
+        if self._inflight is not None:
+            for ticket in self._inflight.pending:  # let running batches finish; their errors do not matter now
+                if ticket is not None:
+                    ticket.handle.exception()
+        for pool in self._pools:
+            pool.shutdown(wait=True)
+        self._pools, self._inflight = [], None
+        self._ios, self.sessions, self.session = [], [], None
 

@@ -25,6 +25,7 @@ class _DerivingBackend(CpuBackend):
     """CPU backend whose session runs a model derived from the FP32 file on open (cached by sha256)."""
 
     scheme_for: dict[str, str | None] = {}
+    multi_session = False
 
     def _prepare_model(self) -> Path:
         from ..quantization.qdq import derive_model, is_quantized, resolve_calibration

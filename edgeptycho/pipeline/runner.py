@@ -100,10 +100,13 @@ class Pipeline:
                              f"but the model takes {n_in}")
         ring_cfg = ring_cfg or RingConfig()
         self.ring = FrameRing.from_config(ring_cfg, (h, w), dtype, ring_allocator)
-        self.pool = BatchPool(backend, bcfg.pool)
-        self.pool_size = bcfg.pool
+        # a backend running several batches at once (cpu workers) gets them all in flight, and a pool with a
+        # slot to fill and one in postprocessing besides
+        inflight = max(inflight, int(getattr(backend, "workers", 1)))
+        self.pool_size = max(bcfg.pool, inflight + 2)
+        self.pool = BatchPool(backend, self.pool_size)
         B = self.pool.batch_size
-        self.telemetry = Telemetry(max(1 << 16, 4 * (ring_cfg.slots + bcfg.pool * B)))
+        self.telemetry = Telemetry(max(1 << 16, 4 * (ring_cfg.slots + self.pool_size * B)))
         self.halt = threading.Event()  # hard stop: quit without draining
         self.source_stop = threading.Event()
         scan = scan or ScanInfo()
@@ -118,7 +121,8 @@ class Pipeline:
         elif scan.positions_px is not None and np.isfinite(scan.positions_px).all():
             canvas, origin = canvas_for(scan.positions_px / factor, m)
         self.geometry = Geometry(canvas, origin, scan.pixel_m * factor, factor)
-        self.p_batch, self.p_post, self.p_write = Port("batched", bcfg.pool), Port("inferred", bcfg.pool), Port("writer")
+        self.p_batch, self.p_post, self.p_write = (Port("batched", self.pool_size), Port("inferred", self.pool_size),
+                                                   Port("writer"))
         scale = backend.input_spec.scale
         self.infer = InferStage(backend, self.p_batch, self.p_post, self.telemetry, inflight, self.halt)
         self.batcher = Batcher(self.ring, self.pool, self.p_batch, preprocess, self.telemetry,
@@ -239,10 +243,13 @@ class Pipeline:
     def start(self, warmup: bool = True) -> None:
         """Start every stage, then the source. `warmup` first runs one full zero batch, so the first frames
         do not pay the backend's one-time costs (memory arenas, kernel selection, engine load)."""
-        if warmup:
-            slot = self.pool.slots[0]
-            slot.inputs[...] = 0
-            self.backend.wait(self.backend.submit(slot.inputs, slot.outputs, n=len(slot.inputs)))
+        if warmup:  # one batch per slot in flight, so that every session of a parallel backend is warm
+            tickets = []
+            for slot in self.pool.slots[:self.infer.inflight]:
+                slot.inputs[...] = 0
+                tickets.append(self.backend.submit(slot.inputs, slot.outputs, n=len(slot.inputs)))
+            for ticket in tickets:
+                self.backend.wait(ticket)
         if self.switch_interval_ms is not None and not self._switch_held:
             _SwitchInterval.acquire(self.switch_interval_ms / 1e3)
             self._switch_held = True

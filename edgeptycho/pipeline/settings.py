@@ -83,11 +83,14 @@ class BackendConfig:
     batch: int = 32
     precision: str = "fp32"
     inflight: int = 2  # batches submitted ahead where the backend is asynchronous
-    threads: int | None = None  # cpu: intra-op threads (default: physical cores)
+    threads: int | None = None  # cpu: cores the backend uses (default: physical cores)
+    workers: int | None = None  # cpu: sessions running batches at once (default: 2 where threads >= 2)
 
     def __post_init__(self) -> None:
         if self.batch < 1 or self.inflight < 1:
             raise ValueError("backend.batch and backend.inflight must be >= 1")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"backend.workers must be >= 1, got {self.workers}")
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -33,8 +34,11 @@ _POLL_S = 0.05
 class InferStage:
     """Submits batches to the backend with up to `inflight` outstanding; forwards each when its wait returns.
 
-    A synchronous backend (cpu) computes inside submit(); an asynchronous one (jetson, cuda) gets the next
-    batch submitted before the previous one is waited on, whenever that next batch is already formed.
+    A synchronous backend (cpu, one session) computes inside submit(). An asynchronous one gets the next
+    batch submitted before the previous one is waited on: where the backend allows waiting from another
+    thread (`wait_from_other_thread`: the cpu backend's sessions), a waiter thread completes batches in
+    order while this one submits as soon as a batch and a free slot exist; otherwise this thread alternates,
+    submitting ahead whenever the next batch is already formed.
     """
 
     def __init__(self, backend: Backend, inp: Port, out: Port, telemetry: Telemetry, inflight: int = 2,
@@ -43,15 +47,19 @@ class InferStage:
             raise ValueError(f"inflight must be >= 1, got {inflight}")
         self.backend, self.inp, self.out, self.telemetry = backend, inp, out, telemetry
         self.inflight, self.stop = inflight, stop or threading.Event()
-        self.busy_s = 0.0  # time inside submit + wait: the backend's share of the wall clock
+        self.busy_s = 0.0  # time with at least one batch inside submit..wait: the backend's share of the wall
         self._submit_s = self._wait_s = 0.0
         self._batches = 0
+        self._busy_until = 0.0
         self.in_progress = 0  # batches taken from the port and not yet forwarded
         self._cond = threading.Condition()
+        self.split = bool(getattr(backend, "wait_from_other_thread", False)) and inflight > 1
 
     @property
     def capacity(self) -> int:
         """Batches the backend can usefully hold at once: 1 when submit() computes synchronously (cpu)."""
+        if self.split:
+            return self.inflight
         if self._batches < 2 or self._wait_s < 0.05 * self._submit_s:
             return 1
         return self.inflight
@@ -65,45 +73,92 @@ class InferStage:
         with self._cond:
             return self._cond.wait_for(self.ready, timeout)
 
-    def _changed(self) -> None:
+    def _taken(self, delta: int) -> None:
         # Wake the batcher only when a flush could now start at once: a needless wake-up, e.g. right after
         # taking a batch, when the backend is about to be busy, competes with the submit for the GIL and a core.
         with self._cond:
+            self.in_progress += delta
             if self.ready():
                 self._cond.notify_all()
 
+    def _submit(self, slot: BatchSlot) -> None:
+        if slot.n:
+            t0 = slot.t_submitted = time.perf_counter()
+            self.telemetry.stamp("submitted", slot.seq[:slot.n], t0)
+            slot.ticket = self.backend.submit(slot.inputs, slot.outputs, n=slot.n)
+            self._submit_s += time.perf_counter() - t0
+            self._batches += 1
+
+    def _complete(self, slot: BatchSlot) -> None:
+        """Wait for `slot` (completions come in submission order) and forward it."""
+        if slot.n:
+            t0 = time.perf_counter()
+            self.backend.wait(slot.ticket)
+            slot.t_inferred = time.perf_counter()
+            self._wait_s += slot.t_inferred - t0
+            # union of the [submitted, inferred] intervals: overlapping batches count once
+            self.busy_s += slot.t_inferred - max(slot.t_submitted, self._busy_until)
+            self._busy_until = slot.t_inferred
+            self.telemetry.stamp("inferred", slot.seq[:slot.n], slot.t_inferred)
+        self.out.put(slot)
+        self._taken(-1)
+
     def run(self) -> None:
+        if self.split:
+            return self._run_split()
         pending: collections.deque[BatchSlot] = collections.deque()
-        tel, be = self.telemetry, self.backend
         while True:
             slot = self.inp.get(self.stop)
             if slot is None:
                 return
-            self.in_progress += 1
-            self._changed()  # the port shrank
-            if slot.n:
-                t0 = slot.t_submitted = time.perf_counter()
-                tel.stamp("submitted", slot.seq[:slot.n], t0)
-                slot.ticket = be.submit(slot.inputs, slot.outputs, n=slot.n)
-                dt = time.perf_counter() - t0
-                self.busy_s += dt
-                self._submit_s += dt
-                self._batches += 1
+            self._taken(+1)  # the port shrank
+            self._submit(slot)
             pending.append(slot)
             while pending and (len(pending) >= self.inflight or self.inp.empty() or pending[-1].closed):
                 done = pending.popleft()
-                if done.n:
-                    t0 = time.perf_counter()
-                    be.wait(done.ticket)
-                    done.t_inferred = time.perf_counter()
-                    self.busy_s += done.t_inferred - t0
-                    self._wait_s += done.t_inferred - t0
-                    tel.stamp("inferred", done.seq[:done.n], done.t_inferred)
-                self.out.put(done)
-                self.in_progress -= 1
-                self._changed()
+                self._complete(done)
                 if done.closed:
                     return
+
+    def _run_split(self) -> None:
+        submitted: queue.SimpleQueue[BatchSlot | None] = queue.SimpleQueue()
+        room = threading.Semaphore(self.inflight)
+        failed: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                while (slot := submitted.get()) is not None:
+                    self._complete(slot)
+                    room.release()
+                    if slot.closed:
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the submitting thread, which raises it
+                failed.append(exc)
+                room.release()
+
+        thread = threading.Thread(target=waiter, name="pipeline-infer-wait", daemon=True)
+        thread.start()
+        try:
+            while not failed:
+                slot = self.inp.get(self.stop)
+                if slot is None:
+                    return
+                self._taken(+1)
+                while not room.acquire(timeout=_POLL_S):
+                    if failed or self.stop.is_set():
+                        return
+                if failed:
+                    break
+                self._submit(slot)
+                submitted.put(slot)
+                if slot.closed:
+                    thread.join()
+                    break
+        finally:
+            submitted.put(None)
+            thread.join(1.0)
+        if failed:
+            raise failed[0]
 
 
 @dataclass
