@@ -121,3 +121,18 @@ def test_crop_center_keeps_zero_frequency_and_bin_conserves_counts():
         forward.bin_frames(frames, 3)
     with pytest.raises(ValueError, match="crop size"):
         forward.crop_center(frames, 65)
+
+
+def test_bin_frames_writes_into_out_and_reused_buffers_never_leak_between_calls():
+    rng = np.random.default_rng(3)
+    a = rng.poisson(40, (4, 16, 16)).astype(np.uint32)
+    b = rng.poisson(40, (2, 24, 24)).astype(np.uint16)
+    ref_a = a.reshape(4, 8, 2, 8, 2).sum(axis=(2, 4)).astype(np.float32)
+    first = forward.bin_frames(a, 2, dtype=np.float32)
+    out = np.full((2, 8, 8), np.nan, np.float32)
+    got = forward.bin_frames(b, 3, dtype=np.float32, out=out)  # other shapes reuse the same thread buffers
+    assert got is out
+    np.testing.assert_array_equal(out, b.reshape(2, 8, 3, 8, 3).sum(axis=(2, 4)).astype(np.float32))
+    np.testing.assert_array_equal(first, ref_a)  # the earlier result is the caller's own array
+    with pytest.raises(ValueError, match="out must be"):
+        forward.bin_frames(a, 2, dtype=np.float32, out=np.empty((4, 8, 7), np.float32))

@@ -22,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=32, help="batch size (pipeline)")
     parser.add_argument("--frames", type=int, default=1024, help="frames per streamed run (pipeline)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved bare/streamed rounds (pipeline)")
-    parser.add_argument("--threads", type=int, help="cpu backend intra-op threads (default: physical cores)")
+    parser.add_argument("--threads", type=int, help="cpu backend cores (default: physical cores)")
+    parser.add_argument("--workers", type=int,
+                        help="cpu backend sessions running batches at once (default: 2 where threads >= 2)")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the pipeline's helper threads (serve's `nice`)")
     parser.add_argument("--switch-interval-ms", type=_switch_ms, default=None, metavar="MS",
                         help="GIL switch interval while streaming (serve's `switch_interval_ms`; default "
@@ -35,7 +37,7 @@ class Bench:
     """Everything one pipeline benchmark shares: model, backend, frames with positions, the probe."""
 
     def __init__(self, model: str, backend: str = "cpu", batch: int = 32, frames: int = 1024,
-                 threads: int | None = None):
+                 threads: int | None = None, workers: int | None = None):
         from edgeptycho.hw.registry import open_backend
         from edgeptycho.model.artifact import ModelArtifact
         from edgeptycho.physics.simulate import preset, simulate
@@ -52,7 +54,7 @@ class Bench:
         self.frames = np.tile(self.scan.frames, (reps, 1, 1))[:frames]
         self.positions_px = np.tile(self.scan.positions_px(), (reps, 1))[:frames]
         self.positions_m = self.positions_px * self.scan.object_pixel_m
-        opts = {"threads": threads} if threads else {}
+        opts = {k: v for k, v in (("threads", threads), ("workers", workers)) if v}
         self.backend = open_backend(backend, self.art.path, batch, **opts)
         self.batch = batch
         self._pub: Any = None
@@ -84,6 +86,7 @@ class Bench:
         """What bare and streamed share (one backend object): model, batch, intra-op threads, preprocessing."""
         return {"model": self.art.name, "model_sha256": str(self.art.metadata.get("sha256", "")),
                 "batch": int(self.backend.input_spec.shape[0]), "threads": getattr(self.backend, "threads", None),
+                "workers": getattr(self.backend, "workers", None),
                 "preprocess": repr(self.art.preprocess)}
 
     def _consumer(self) -> tuple[Any, Any]:
@@ -210,7 +213,8 @@ def _switch_ms(text: str) -> Any:
 
 
 def bench_pipeline(model: str, backend: str = "cpu", batch: int = 32, frames: int = 1024, repeats: int = 3,
-                   threads: int | None = None, nice: int = 0, switch_interval_ms: Any = "default") -> dict[str, Any]:
+                   threads: int | None = None, nice: int = 0, switch_interval_ms: Any = "default",
+                   workers: int | None = None) -> dict[str, Any]:
     """Bare vs streamed throughput in interleaved rounds (median ratio), then latencies at 60 and 90 % load.
 
     Both sides use the one backend object (same model file, batch, intra-op threads) and the model's own
@@ -219,7 +223,7 @@ def bench_pipeline(model: str, backend: str = "cpu", batch: int = 32, frames: in
     from edgeptycho.pipeline.runner import DEFAULT_SWITCH_MS
 
     sw = None if switch_interval_ms == "none" else switch_interval_ms
-    b = Bench(model, backend, batch, frames, threads)
+    b = Bench(model, backend, batch, frames, threads, workers)
     try:
         b.bare(0.5)  # warm caches and the thread pool
         bare, streamed, ratios, cpu_ratios, last = [], [], [], [], None
@@ -263,11 +267,13 @@ def run(args: argparse.Namespace) -> int:
             sys.argv = argv
         return 0
     res = bench_pipeline(args.model, args.backend, args.batch, args.frames, args.repeats, args.threads, args.nice,
-                         "default" if args.switch_interval_ms is None else args.switch_interval_ms)
+                         "default" if args.switch_interval_ms is None else args.switch_interval_ms, args.workers)
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
-    print(f"{res['model']} on {res['backend']}, batch {res['batch']}, {res['setup']['threads']} intra-op threads, "
+    workers = res["setup"].get("workers") or 1
+    print(f"{res['model']} on {res['backend']}, batch {res['batch']}, {res['setup']['threads']} threads in "
+          f"{workers} session{'s' if workers > 1 else ''}, "
           f"{res['frames']} frames per run, GIL switch interval while streaming: "
           + (f"{res['switch_interval_ms']} ms" if res["switch_interval_ms"] else "the interpreter's"))
     print(f"bare backend:   {', '.join(f'{v:.1f}' for v in res['bare_hz'])} patterns/s")

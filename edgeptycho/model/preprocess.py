@@ -54,10 +54,10 @@ class PreprocessSpec:
         return cls(**d)
 
 
-def _crop_bin(frames: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+def _crop_bin(frames: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None = None) -> np.ndarray:
     if spec.crop:
         frames = crop_center(frames, spec.crop)
-    return bin_frames(frames, spec.bin, dtype=np.float32)
+    return bin_frames(frames, spec.bin, dtype=np.float32, out=out)
 
 
 def preprocess_into(
@@ -77,15 +77,14 @@ def preprocess_into(
         frames = frames[None]
     if mask is not None:
         frames = np.where(mask, 0, frames)
-    x = _crop_bin(frames, spec)
-    n = x.shape[0]
-    target = out.reshape(out.shape[0], x.shape[-2], x.shape[-1])[:n]
+    n = frames.shape[0]
+    side = spec.input_size(frames.shape[-1])
+    target = out.reshape(out.shape[0], side, side)[:n]
     direct = target.dtype == np.float32 and scale == 1.0 and not np.may_share_memory(target, frames)
-    if direct:  # the one write of the (binned) frames, straight into the model input; the rest is in place
-        np.copyto(target, x, casting="unsafe")
-        x = target
+    # direct: the one write of the (binned) frames, straight into the model input; the rest is in place
+    x = _crop_bin(frames, spec, out=target if direct else None)
     # log1p/normalise run in place: never on the caller's frames (a crop or bin-1 result may be a view).
-    elif np.may_share_memory(x, frames) or not x.flags.writeable or x.dtype != np.float32:
+    if not direct and (np.may_share_memory(x, frames) or not x.flags.writeable or x.dtype != np.float32):
         x = x.astype(np.float32)
     if spec.log:
         if not np.issubdtype(frames.dtype, np.unsignedinteger):  # counts cannot be negative: skip a pass

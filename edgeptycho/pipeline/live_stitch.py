@@ -141,13 +141,16 @@ class LiveStitcher:
             r0, c0, r1, c1 = (0, 0, *self.shape) if new_ramp else self._dirty
             self._dirty = [self.shape[0], self.shape[1], 0, 0]
         if r1 > r0 and c1 > c0:
-            num = self._num[r0:r1, c0:c1].copy()
-            den = self._den[r0:r1, c0:c1].copy()
-            good = den > self._thresh
-            region = np.zeros_like(num)
-            np.divide(num, den, out=region, where=good)
+            # Views, not copies: adds go on meanwhile either way, so a display frame may show a patch half
+            # added (a copy of num then den tears the same way); the next refresh has it whole.
+            num, den = self._num[r0:r1, c0:c1], self._den[r0:r1, c0:c1]
+            inv = np.zeros(den.shape, np.float32)
+            np.divide(1.0, den, out=inv, where=den > self._thresh)
+            region = num.copy()  # contiguous: its float32 view is a view
+            region.view(np.float32).reshape(*region.shape, 2)[...] *= inv[..., None]  # real × complex, no casts
             if self.ramp != (0.0, 0.0):
-                region *= self._er[r0:r1, None] * self._ec[None, c0:c1]
+                region *= self._er[r0:r1, None]
+                region *= self._ec[None, c0:c1]
             self._mosaic[r0:r1, c0:c1] = region
             np.abs(region, out=self._amp[r0:r1, c0:c1])
             np.arctan2(region.imag, region.real, out=self._phase[r0:r1, c0:c1])

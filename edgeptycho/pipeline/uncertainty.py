@@ -52,33 +52,46 @@ def features(num: np.ndarray, den: np.ndarray, sq: np.ndarray, peak_weight: floa
     `peak_weight`: one patch's maximum weight; less summed weight than MIN_WEIGHT_FRACTION of it is outside.
     """
     num, den, sq = np.asarray(num), np.asarray(den, np.float32), np.asarray(sq, np.float32)
-    good = den > MIN_WEIGHT_FRACTION * peak_weight
-    out = {k: np.full(den.shape, np.nan, np.float32) for k in FEATURES}
-    d = den[good]
-    mean2 = (num[good].real ** 2 + num[good].imag ** 2) / (d * d)
-    out["dis2"][good] = np.maximum(sq[good] / d - mean2, 0.0) / np.maximum(mean2, 1e-12)
-    out["inv_cov"][good] = peak_weight / d
-    out["one"][good] = 1.0
-    if rnum is not None and rden is not None and resid_ref is not None and resid_ref > 0:
-        rd = np.asarray(rden, np.float32)
-        known = good & (rd > MIN_WEIGHT_FRACTION * peak_weight)
-        out["resid"][known] = np.asarray(rnum, np.float32)[known] / (rd[known] * np.float32(resid_ref))
-    return out
+    nan = np.float32(np.nan)
+    # NaN outside the scan carried through whole-array arithmetic: boolean indexing (gathers and scatters)
+    # cost 3x more on the live mosaic's refresh, at every display frame.
+    d = np.where(den > MIN_WEIGHT_FRACTION * peak_weight, den, nan)
+    out: dict[str, np.ndarray] = {}
+    with np.errstate(invalid="ignore"):
+        mean2 = num.real * num.real
+        mean2 += num.imag * num.imag
+        mean2 /= d * d
+        dis2 = sq / d
+        dis2 -= mean2
+        np.maximum(dis2, 0.0, out=dis2)
+        dis2 /= np.maximum(mean2, 1e-12)
+        out["dis2"] = dis2
+        out["resid"] = np.full(den.shape, nan)
+        out["inv_cov"] = peak_weight / d
+        out["one"] = np.where(np.isnan(d), nan, np.float32(1.0))
+        if rnum is not None and rden is not None and resid_ref is not None and resid_ref > 0:
+            rd = np.asarray(rden, np.float32)
+            rd = np.where(rd > MIN_WEIGHT_FRACTION * peak_weight, rd, nan)
+            out["resid"] = np.asarray(rnum, np.float32) / (rd * np.float32(resid_ref)) + 0 * d  # NaN outside
+    return {k: out[k] for k in FEATURES}
 
 
 def sigma_from_features(f: dict[str, np.ndarray], coeffs=SIGMA2_COEFFS,
                         coeffs_no_resid=SIGMA2_COEFFS_NO_RESID) -> np.ndarray:
     """σ (rad, float32) = √(Σ c·feature); `coeffs_no_resid` where the residual map is unknown."""
     s2 = np.zeros(f["one"].shape, np.float32)
-    s2_nr = np.zeros_like(s2)
-    for k, c, c0 in zip(FEATURES, coeffs, coeffs_no_resid, strict=True):
+    for k, c in zip(FEATURES, coeffs, strict=True):
         if k != "resid":
             s2 += np.float32(c) * f[k]
-            s2_nr += np.float32(c0) * f[k]
-    r = f["resid"]
-    known = np.isfinite(r)
-    s2[known] += np.float32(coeffs[FEATURES.index("resid")]) * np.maximum(r[known], 0.0)
-    s2[~known] = s2_nr[~known]
+    c_r = coeffs[FEATURES.index("resid")]
+    if c_r or tuple(coeffs_no_resid) != tuple(coeffs):  # else the residual changes nothing (shipped fit)
+        s2_nr = np.zeros_like(s2)
+        for k, c0 in zip(FEATURES, coeffs_no_resid, strict=True):
+            if k != "resid":
+                s2_nr += np.float32(c0) * f[k]
+        r = f["resid"]
+        known = np.isfinite(r)
+        s2 = np.where(known, s2 + np.float32(c_r) * np.maximum(r, 0.0), s2_nr)
     return np.sqrt(np.maximum(s2, 0.0))  # NaN stays NaN outside the scan
 
 
@@ -86,6 +99,8 @@ def phase_sigma(num: np.ndarray, den: np.ndarray, sq: np.ndarray, peak_weight: f
                 rnum: np.ndarray | None = None, rden: np.ndarray | None = None, resid_ref: float | None = None,
                 coeffs=SIGMA2_COEFFS, coeffs_no_resid=SIGMA2_COEFFS_NO_RESID) -> np.ndarray:
     """σ_φ (rad, float32) from the running sums (see `features`); NaN where undefined."""
+    if not residual_used(coeffs) and tuple(coeffs) == tuple(coeffs_no_resid):
+        rnum = rden = None  # the residual term has no weight: its map is not worth computing
     return sigma_from_features(features(num, den, sq, peak_weight, rnum, rden, resid_ref), coeffs,
                                coeffs_no_resid)
 
