@@ -79,3 +79,22 @@ def test_published_bins_every_interval_exactly_as_record_would():
             assert got.total == h.total and np.array_equal(got.counts, h.counts), name
             assert got.sum == pytest.approx(h.sum) and got.max == h.max
     assert tel.hist["batched_to_inferred"].total == 30 and tel.hist["detector_to_published"].total == 20
+
+
+def test_latencies_are_binned_before_the_stage_clock_reuses_their_rows():
+    # binning waits for a reader (status at 1 Hz), but never past a quarter of the clock: with no reader,
+    # 4 laps of the clock still give every frame its own latency
+    tel = Telemetry(64)
+    lat = []
+    for b in range(32):  # 256 frames in batches of 8 through a 64-row clock
+        seq = np.arange(8 * b, 8 * b + 8)
+        t0 = 10.0 * b + np.arange(8) * 1e-3
+        tel.received(seq, t0 + tel.wall.offset)
+        for stage in ("batched", "submitted", "inferred"):
+            tel.stamp(stage, seq, t0 + 0.001)
+        tel.published(seq, t=10.0 * b + 0.1 + 1e-3 * b)
+        lat.append((10.0 * b + 0.1 + 1e-3 * b) - ((t0 + tel.wall.offset) - tel.wall.offset))
+    ref = LatencyHistogram()
+    ref.record(np.concatenate(lat))
+    got = tel.hist["receive_to_published"]
+    assert got.total == 256 and np.array_equal(got.counts, ref.counts) and got.max == ref.max
