@@ -18,6 +18,7 @@ from edgeptycho.stream.ring import FrameRing, RingConfig
 from edgeptycho.stream.sources.base import Source
 
 from .batcher import Batcher, BatchPool, detector_roi
+from .infer import InferStage
 from .settings import (  # noqa: F401  (re-exported: the settings were defined here before)
     DEFAULT_SWITCH_MS,
     BackendConfig,
@@ -32,7 +33,6 @@ from .settings import (  # noqa: F401  (re-exported: the settings were defined h
 )
 from .stages import (
     Geometry,
-    InferStage,
     MonitorStage,
     Port,
     PostStage,
