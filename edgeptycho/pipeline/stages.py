@@ -24,7 +24,6 @@ from .stitcher import LiveStitcher, StitchResult, canvas_for, stitch
 from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-_POLL_S = 0.05
 
 
 @dataclass
