@@ -80,11 +80,14 @@ def test_serve_replays_a_cxi_scan(tiny_artifact, tmp_path, capsys):
     assert recon.pixel_m == pytest.approx(scan.object_pixel_m)
 
 
-def test_sigint_drains_and_exits_cleanly(tiny_artifact, tmp_path):
-    """A live (tcp) source never ends by itself: SIGINT stops it, the service flushes and reports."""
+@pytest.mark.parametrize("backend", [{"threads": 1}, {"threads": 2, "workers": 2}], ids=["one-session", "two-sessions"])
+def test_sigint_drains_and_exits_cleanly(tiny_artifact, tmp_path, backend):
+    """A live (tcp) source never ends by itself: SIGINT stops it, the service flushes and reports (also with
+    the cpu backend's parallel sessions, whose batches complete on the pipeline's waiter thread)."""
     from edgeptycho.stream.sources.tcp import TcpSender
 
     cfg = _base(tiny_artifact, tmp_path, {"kind": "tcp", "endpoint": "tcp://127.0.0.1:0"})
+    cfg["backend"].update(backend)
     cfg["source"]["endpoint"] = "tcp://127.0.0.1:0"
     proc = subprocess.Popen([sys.executable, "-m", "edgeptycho.cli", "serve", "--config", _write(tmp_path, cfg),
                              "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
