@@ -101,7 +101,7 @@ class Bench:
             self._conn, child = ctx.Pipe()
             self._proc = ctx.Process(target=_subscriber_main, args=(self._pub.endpoint, child), daemon=True)
             self._proc.start()
-            self._answer()  # subscribed
+            self._sub_cpu = self._answer()  # subscribed; its CPU seconds so far
             time.sleep(0.3)  # ZeroMQ slow joiner: the subscription must reach the publisher
         return self._pub, self._conn
 
@@ -153,7 +153,11 @@ class Bench:
         ids: list[int] = []
         if not stalled_subscriber:
             conn.send(rep["frames_published"])  # the consumer answers once it has them all (or 5 s passed)
-            ids = self._answer()
+            ids, sub_cpu = self._answer()
+            # the consumer shares this host's cores: its CPU is reported, not hidden (a beamline's consumers
+            # usually run on another machine)
+            rep["subscriber_cpu_us_per_frame"] = 1e6 * (sub_cpu - self._sub_cpu) / max(rep["frames_published"], 1)
+            self._sub_cpu = sub_cpu
         # Process CPU per frame of the service, all threads, until the last patch went out: the end-of-scan
         # offline stitch that follows is a per-scan, not a per-frame, cost.
         c1 = pipe.process_cpu_at_end.get("post", c1)
@@ -176,7 +180,7 @@ def _subscriber_main(endpoint: str, conn: Any) -> None:
     from edgeptycho.stream.publish import Subscriber
 
     sub = Subscriber(endpoint, topics=["patch"], rcvhwm=1_000_000)
-    conn.send("ready")
+    conn.send(time.process_time())  # ready
     ids: list[int] = []
     while True:
         if conn.poll():
@@ -188,7 +192,7 @@ def _subscriber_main(endpoint: str, conn: Any) -> None:
                 msg = sub.recv(timeout=0.05)
                 if msg is not None:
                     ids.append(int(msg.header["frame_id"]))
-            conn.send(ids)
+            conn.send((ids, time.process_time()))
             ids = []
         msg = sub.recv(timeout=0.01)
         if msg is not None:
@@ -226,10 +230,12 @@ def bench_pipeline(model: str, backend: str = "cpu", batch: int = 32, frames: in
     b = Bench(model, backend, batch, frames, threads, workers)
     try:
         b.bare(0.5)  # warm caches and the thread pool
-        bare, streamed, ratios, cpu_ratios, last = [], [], [], [], None
+        bare, streamed, ratios, cpu_ratios, sub_cpu, bare_cpu, last = [], [], [], [], [], [], None
         for _ in range(repeats):
             bare.append(b.bare())
+            bare_cpu.append(b.bare_cpu_us)
             last = b.streamed(nice=nice, switch_interval_ms=sw)
+            sub_cpu.append(last["subscriber_cpu_us_per_frame"])
             streamed.append(last["throughput_hz"])
             ratios.append(streamed[-1] / bare[-1])
             cpu_ratios.append(b.bare_cpu_us / last["process_cpu_us_per_frame"])
@@ -247,6 +253,8 @@ def bench_pipeline(model: str, backend: str = "cpu", batch: int = 32, frames: in
             **{f"overhead_p99_ms_{k}": r["latency_ms"]["overhead"]["p99"] for k, r in paced.items()},
             "dropped_paced": sum(r["dropped"] for r in paced.values()),
             "copies_per_frame": last["copies_per_frame"]["slot_to_input"],
+            "subscriber_cpu_us_per_frame": statistics.median(sub_cpu),
+            "bare_cpu_us_per_frame": statistics.median(bare_cpu),
             "backend_busy_fraction": last["backend_busy_fraction"],
         }
     finally:
@@ -287,4 +295,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"pipeline overhead p99: {res['overhead_p99_ms_60pct']} ms at 60 %, {res['overhead_p99_ms_90pct']} ms "
           f"at 90 % of bare; dropped when paced: {res['dropped_paced']}")
     print(f"copies per frame between ring slot and backend input: {res['copies_per_frame']:.2f}")
+    print(f"subscriber process (same host, shares the cores): {res['subscriber_cpu_us_per_frame']:.0f} µs CPU "
+          f"per frame, against {res['bare_cpu_us_per_frame']:.0f} µs of process CPU per frame bare")
     return 0
