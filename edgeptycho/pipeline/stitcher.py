@@ -159,18 +159,21 @@ def _tree_offsets(c: sp.csr_matrix, delta: sp.csr_matrix, n: int) -> np.ndarray:
     dist.data = 1.0 / (dist.data + 1e-300)  # strongest overlaps = shortest edges
     tree = csgraph.minimum_spanning_tree(dist)
     tree = tree + tree.T
-    offsets = np.zeros(n)
+    off = [0.0] * n
     seen = np.zeros(n, dtype=bool)
     delta = delta.tocsr()
     for root in range(n):
         if seen[root]:
             continue
         order, pred = csgraph.breadth_first_order(tree, root, directed=False, return_predecessors=True)
-        for j in order[1:]:
-            i = pred[j]
-            offsets[j] = offsets[i] + delta[i, j]  # delta_ij = o_j - o_i
+        child = order[1:]
         seen[order] = True
-    return offsets
+        if not len(child):  # an isolated patch keeps offset 0 (and sparse indexing by empty arrays is a scalar)
+            continue
+        step = np.asarray(delta[pred[child], child]).ravel().tolist()  # delta_ij = o_j - o_i, one lookup
+        for j, i, d in zip(child.tolist(), pred[child].tolist(), step, strict=True):  # parents first (BFS)
+            off[j] = off[i] + d
+    return np.asarray(off)
 
 
 def _wrap(x: np.ndarray) -> np.ndarray:
