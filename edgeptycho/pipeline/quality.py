@@ -50,7 +50,7 @@ class ForwardResidual:
 
     def __init__(self, probe: np.ndarray, patch_size: int, grid: int | str | None = "auto",
                  mask: np.ndarray | None = None, workers: int = 1, poisson: bool = True,
-                 extend: int | None = None, pad_mode: str = "edge", min_counts: float = 2.0):
+                 extend: int | None = None, pad_mode: str = "edge", min_counts: float = 1.0):
         p = np.asarray(probe)
         p = p[None] if p.ndim == 2 else p
         if p.ndim != 3 or p.shape[-1] != p.shape[-2]:
@@ -94,7 +94,7 @@ class ForwardResidual:
     def choose_grid(self, mean_counts: float) -> int:
         """Finest grid (dividing the frame and the window, ≤ window) with ≥ min_counts counts per pixel.
 
-        Fine grids see small errors, coarse ones beat shot noise. min_counts 2 was chosen on the CNN's own
+        Fine grids see small errors, coarse ones beat shot noise. min_counts 1 was chosen on the CNN's own
         patches (the errors the service ranks), which want finer grids at low dose than degraded true
         patches do: grid 64 at 10⁴ photons, 128 from 10⁵ (docs/refinement.md).
         """
