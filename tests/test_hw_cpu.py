@@ -135,7 +135,12 @@ def test_a_failed_run_on_a_session_thread_is_raised_by_wait(tiny_onnx, tiny_inpu
     with open_backend("cpu", tiny_onnx.path, 4, threads=2, workers=2) as b:
         batch = np.ascontiguousarray(tiny_inputs[:4])
         outputs = b.new_outputs()
+        run = b.sessions[0].run_with_iobinding
         b.sessions[0].run_with_iobinding = None  # the session breaks on its own thread
         ticket = b.submit(batch, outputs)
         with pytest.raises(TypeError):
             b.wait(ticket)
+        b.sessions[0].run_with_iobinding = run  # the failure is not sticky: that session takes batches again
+        for _ in range(2):
+            got = b.wait(b.submit(batch, outputs))
+        np.testing.assert_allclose(got["phase"], b.infer(batch)["phase"], rtol=1e-5, atol=1e-6)

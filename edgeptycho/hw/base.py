@@ -120,10 +120,12 @@ class InFlight:
 
     def complete(self, ticket: Ticket) -> dict[str, np.ndarray]:
         if not ticket.extra["done"]:
-            self._finish(ticket)
-            ticket.extra["done"] = True
-            if self.pending[ticket.extra["slot"]] is ticket:
-                self.pending[ticket.extra["slot"]] = None
+            try:
+                self._finish(ticket)
+            finally:  # a failed batch raises once, here; its slot is free for the next one
+                ticket.extra["done"] = True
+                if self.pending[ticket.extra["slot"]] is ticket:
+                    self.pending[ticket.extra["slot"]] = None
         return ticket.outputs
 
     def drain(self) -> None:
