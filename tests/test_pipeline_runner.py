@@ -311,15 +311,39 @@ def test_parallel_cpu_sessions_keep_every_frame_once_and_in_order(tiny_artifact,
     assert 0 < rep["backend_busy_fraction"] <= 1.0  # overlapping batches count once
 
 
-def test_a_backend_failing_in_wait_stops_the_pipeline_with_the_error(tiny_artifact, scan):
+class _OneScanThenQuiet(Source):
+    """A live stream that goes quiet after one scan: the source never ends by itself."""
+
+    name = "quiet"
+
+    def __init__(self, scan):
+        super().__init__()
+        self.part = ArraySource.from_scan(scan, close_at_end=False)
+
+    def frame_spec(self):
+        return self.part.frame_spec()
+
+    def run(self, ring, stop):
+        self.part.run(ring, stop)
+        stop.wait()
+        return self.stats
+
+
+@pytest.mark.parametrize("source", ["scan", "quiet"])
+def test_a_backend_failing_in_wait_stops_the_pipeline_with_the_error(tiny_artifact, scan, source):
     class FailsInWait(SlowBackend):
         def wait(self, ticket):
             raise RuntimeError("lost the device while waiting")
 
     art = ModelArtifact.load(tiny_artifact)
     backend = open_backend("cpu", art.path, 16, threads=2, workers=2)
-    pipe = _pipeline(tiny_artifact, ArraySource.from_scan(scan), scan, backend=FailsInWait(backend, 0.0))
+    if source == "quiet":  # one batch, then silence: the submitting thread is already waiting for the next
+        scan = small_scan(16)
+    src = ArraySource.from_scan(scan) if source == "scan" else _OneScanThenQuiet(scan)
+    pipe = _pipeline(tiny_artifact, src, scan, backend=FailsInWait(backend, 0.0))
     pipe.start(warmup=False)
-    assert pipe.wait(30)  # no hang: the waiter's error reaches the submitting thread, every stage exits
+    # no hang, even when no further batch comes: the waiter's error reaches the submitting thread at once
+    assert pipe.wait(30)
     assert any("lost the device while waiting" in e for e in pipe.report()["errors"])
+    pipe.stop()
     backend.close()

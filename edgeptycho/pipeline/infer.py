@@ -15,6 +15,16 @@ from .telemetry import Telemetry
 _POLL_S = 0.05
 
 
+class _Either:
+    """is_set() when the stop event is set or the list (of failures) is not empty: Port.get's stop."""
+
+    def __init__(self, stop: threading.Event, failed: list[BaseException]):
+        self.stop, self.failed = stop, failed
+
+    def is_set(self) -> bool:
+        return bool(self.failed) or self.stop.is_set()
+
+
 class InferStage:
     """Submits batches to the backend with up to `inflight` outstanding; forwards each when its wait returns.
 
@@ -122,16 +132,16 @@ class InferStage:
 
         thread = threading.Thread(target=waiter, name="pipeline-infer-wait", daemon=True)
         thread.start()
+        give_up = _Either(self.stop, failed)  # a failed wait must not sit behind a stream gone quiet
         try:
             while not failed:
-                slot = self.inp.get(self.stop)
+                slot = self.inp.get(give_up)
                 if slot is None:
-                    return
+                    break
                 self._taken(+1)
-                while not room.acquire(timeout=_POLL_S):
-                    if failed or self.stop.is_set():
-                        return
-                if failed:
+                while not room.acquire(timeout=_POLL_S) and not give_up.is_set():
+                    pass
+                if give_up.is_set():  # halted (drop the batch, as the one-thread path does) or failed
                     break
                 self._submit(slot)
                 submitted.put(slot)
