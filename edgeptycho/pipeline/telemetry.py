@@ -220,30 +220,33 @@ class Telemetry:
 
     def _drain(self) -> None:
         """Bin the latencies of every batch published since the last call into both histogram sets."""
-        with self._lock:
+        with self._lock:  # held only to take the batches and, below, to add the counts: not for the binning
             pending, self._pending, self._pending_n = self._pending, [], 0
-            if not pending:
-                return
-            c = self.clock
-            seq = np.concatenate([p[0] for p in pending])
-            rows = c.t[seq % c.capacity]
-            lat = {name: rows[:, c.index[b]] - rows[:, c.index[a]] for name, a, b in INTERVALS}
-            lat["overhead"] = (lat["receive_to_published"] - lat["receive_to_batched"]
-                               - (rows[:, c.index["inferred"]] - rows[:, c.index["submitted"]]))
-            if any(p[1] is not None for p in pending):
-                t_det = np.concatenate([p[1] if p[1] is not None else np.full(len(p[0]), np.nan) for p in pending])
-                lat["detector_to_published"] = self.wall.to_unix(rows[:, c.index["published"]]) - t_det
-            # every interval binned at once (one searchsorted, one bincount)
-            names = list(lat)
-            vals = np.stack([lat[k] for k in names])
-            ok = np.isfinite(vals)
-            h0 = self._hist[names[0]]
-            nb = len(h0.counts)
-            idx = np.searchsorted(h0.edges, vals, side="right") + nb * np.arange(len(names))[:, None]
-            counts = np.bincount(idx[ok], minlength=nb * len(names)).reshape(len(names), nb)
-            totals = ok.sum(axis=1).tolist()
-            sums = np.where(ok, vals, 0.0).sum(axis=1).tolist()
-            maxes = np.where(ok, vals, -np.inf).max(axis=1).tolist()
+        if pending:
+            self._bin(pending)
+
+    def _bin(self, pending: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
+        c = self.clock
+        seq = np.concatenate([p[0] for p in pending])
+        rows = c.t[seq % c.capacity]
+        lat = {name: rows[:, c.index[b]] - rows[:, c.index[a]] for name, a, b in INTERVALS}
+        lat["overhead"] = (lat["receive_to_published"] - lat["receive_to_batched"]
+                           - (rows[:, c.index["inferred"]] - rows[:, c.index["submitted"]]))
+        if any(p[1] is not None for p in pending):
+            t_det = np.concatenate([p[1] if p[1] is not None else np.full(len(p[0]), np.nan) for p in pending])
+            lat["detector_to_published"] = self.wall.to_unix(rows[:, c.index["published"]]) - t_det
+        # every interval binned at once (one searchsorted, one bincount)
+        names = list(lat)
+        vals = np.stack([lat[k] for k in names])
+        ok = np.isfinite(vals)
+        h0 = self._hist[names[0]]
+        nb = len(h0.counts)
+        idx = np.searchsorted(h0.edges, vals, side="right") + nb * np.arange(len(names))[:, None]
+        counts = np.bincount(idx[ok], minlength=nb * len(names)).reshape(len(names), nb)
+        totals = ok.sum(axis=1).tolist()
+        sums = np.where(ok, vals, 0.0).sum(axis=1).tolist()
+        maxes = np.where(ok, vals, -np.inf).max(axis=1).tolist()
+        with self._lock:
             for k, name in enumerate(names):
                 if totals[k]:
                     for h in (self._hist[name], self._recent[name]):
