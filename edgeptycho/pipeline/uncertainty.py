@@ -72,7 +72,8 @@ def features(num: np.ndarray, den: np.ndarray, sq: np.ndarray, peak_weight: floa
         if rnum is not None and rden is not None and resid_ref is not None and resid_ref > 0:
             rd = np.asarray(rden, np.float32)
             rd = np.where(rd > MIN_WEIGHT_FRACTION * peak_weight, rd, nan)
-            out["resid"] = np.asarray(rnum, np.float32) / (rd * np.float32(resid_ref)) + 0 * d  # NaN outside
+            resid = np.asarray(rnum, np.float32) / (rd * np.float32(resid_ref))
+            out["resid"] = np.where(np.isnan(d), nan, resid)  # outside the scan even where a residual landed
     return {k: out[k] for k in FEATURES}
 
 
