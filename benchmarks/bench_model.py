@@ -3,6 +3,7 @@
     python benchmarks/bench_model.py --model default --batches 1 8 32 --threads 2
     python benchmarks/bench_model.py --sweep --threads 2          # choose the CPU default by measurement
     python benchmarks/bench_model.py --quality --model default    # stitched phase NRMSE per kind and dose
+    python benchmarks/bench_model.py --sessions 1 2 --threads 2   # through the cpu backend, 1 vs 2 sessions
 
 Timings on a shared machine are noisy: every figure is the best of `--repeats` timed runs.
 """
@@ -64,6 +65,38 @@ def ort_throughput(onnx_path: str | Path, batch: int, threads: int = 2, repeats:
                    seconds: float = 1.0) -> float:
     """Best-of-`repeats` patterns/s of one model at `batch` on ONNX Runtime CPU."""
     return ort_throughput_many([onnx_path], batch, threads, repeats, seconds)[0]
+
+
+def backend_sessions(model: str, batches: list[int], sessions: list[int], threads: int, repeats: int,
+                     seconds: float = 2.0) -> dict:
+    """Patterns/s through edgeptycho's cpu backend (double-buffered submit/wait, tools.hil.throughput) with
+    each number of parallel sessions, in interleaved rounds; median and all rounds per (batch, sessions)."""
+    import statistics
+
+    from edgeptycho.hw.registry import open_backend
+    from edgeptycho.model.artifact import ModelArtifact
+    from edgeptycho.tools.hil import throughput
+
+    art = ModelArtifact.load(model)
+    rounds: dict[tuple[int, int], list[float]] = {}
+    backends = {(b, w): open_backend("cpu", art.path, b, threads=threads, workers=w)
+                for b in batches for w in sessions}
+    try:
+        for _ in range(repeats):
+            for (b, w), be in backends.items():
+                x = np.random.default_rng(0).random(be.input_spec.shape, dtype=np.float32)
+                rate = throughput(be, x, 8)["frames_per_s"]  # a short run sizes the timed one to `seconds`
+                n = max(8, int(seconds * rate / b))
+                rounds.setdefault((b, w), []).append(throughput(be, x, n)["frames_per_s"])
+    finally:
+        for be in backends.values():
+            be.close()
+    out = {"model": art.name, "threads": threads, "rounds": repeats, "patterns_per_s": {}}
+    for (b, w), r in rounds.items():
+        out["patterns_per_s"][f"batch{b}_sessions{w}"] = {"median": statistics.median(r), "all": r}
+        print(f"{art.name}: batch {b:3d}, {w} session(s): median {statistics.median(r):8.1f} patterns/s "
+              f"(rounds {', '.join(f'{v:.0f}' for v in r)})", flush=True)
+    return out
 
 
 # Candidate CPU-default architectures (128 in → 64 out); the chosen one is in presets/cpu-default.yaml.
@@ -149,10 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", nargs="+", default=["siemens-star", "ic", "cells", "texture"])
     ap.add_argument("--doses", type=float, nargs="+", default=[1e5, 1e6, 1e7])
     ap.add_argument("--positions", type=int, help="scan positions (default: the preset's)")
+    ap.add_argument("--sessions", type=int, nargs="+",
+                    help="measure through the cpu backend with these numbers of parallel sessions instead")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    if args.sweep:
-        result: object = sweep(args.threads, max(args.batches), args.repeats)
+    if args.sessions:
+        result: object = backend_sessions(args.model, args.batches, args.sessions, args.threads, args.repeats)
+    elif args.sweep:
+        result = sweep(args.threads, max(args.batches), args.repeats)
     elif args.quality:
         result = quality(args.model, args.kinds, args.doses, positions=args.positions)
     else:
