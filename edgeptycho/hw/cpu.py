@@ -48,7 +48,7 @@ class CpuBackend(Backend):
 
     With one worker, submit() computes synchronously. With several, submit() hands the batch to the next
     session's thread and returns; wait() blocks for it. Two one-thread sessions on 2 cores beat one two-thread
-    session by 10-30 % (no parallel-for barriers), and a helper thread that takes a core for a moment delays
+    session by 7-28 % (no parallel-for barriers), and a helper thread that takes a core for a moment delays
     one batch instead of stalling both threads of every operator (docs/BENCHMARKS.md, "Streaming pipeline", session 4).
     """
 
