@@ -72,41 +72,32 @@ def infer_scan(scan: Any, artifact: Any, backend: str = "cpu", batch: int = 32, 
     phase = np.empty((n, m, m), np.float32)
     times = {"read": 0.0, "preprocess": 0.0, "infer": 0.0}
     with open_backend(backend, artifact.path, batch, precision, **opts) as be:
-        spec = be.input_spec
-        alloc = be.allocator()
-        # two buffers: batch k+1 is read and preprocessed (and, on an asynchronous backend such as the cpu
-        # backend's parallel sessions, submitted) while batch k is still running
-        inputs = [alloc.empty(spec.shape, spec.dtype) for _ in range(2)]
-        outputs = [be.new_outputs(), be.new_outputs()]
-        pending: list[tuple[Any, int, int, np.ndarray]] = []
+        frames_of: dict[int, np.ndarray] = {}  # a batch's raw frames, for on_batch, until its results are in
 
-        def finish() -> None:
-            ticket, s, e, frames = pending.pop(0)
+        def fill(k: int, inputs: np.ndarray) -> int:
+            s, e = k * batch, min(n, (k + 1) * batch)
             t0 = time.perf_counter()
-            out = be.wait(ticket)
-            amp[s:e] = out["amplitude"][: e - s, 0]
-            phase[s:e] = out["phase"][: e - s, 0]
+            frames = frames_of[k] = np.asarray(scan.frames[s:e])
             t1 = time.perf_counter()
-            times["infer"] += t1 - t0
-            if on_batch is not None:  # timed apart: the inference figures stay comparable
-                on_batch(s, frames, amp[s:e], phase[s:e])
-                times["residual"] = times.get("residual", 0.0) + time.perf_counter() - t1
-
-        for k, s in enumerate(range(0, n, batch)):
-            e = min(n, s + batch)
-            if len(pending) == 2:
-                finish()  # its buffers are about to be refilled
-            t0 = time.perf_counter()
-            frames = np.asarray(scan.frames[s:e])
-            t1 = time.perf_counter()
-            preprocess_into(frames, inputs[k % 2], artifact.preprocess, scan.mask, spec.scale)
-            t2 = time.perf_counter()
-            pending.append((be.submit(inputs[k % 2], outputs[k % 2], n=e - s), s, e, frames))
+            preprocess_into(frames, inputs, artifact.preprocess, scan.mask, be.input_spec.scale)
             times["read"] += t1 - t0
-            times["preprocess"] += t2 - t1
-            times["infer"] += time.perf_counter() - t2
-        while pending:
-            finish()
+            times["preprocess"] += time.perf_counter() - t1
+            return e - s
+
+        def done(k: int, out: dict[str, np.ndarray], rows: int) -> None:
+            s = k * batch
+            amp[s:s + rows] = out["amplitude"][:rows, 0]
+            phase[s:s + rows] = out["phase"][:rows, 0]
+            frames = frames_of.pop(k)
+            if on_batch is not None:  # timed apart: the inference figures stay comparable
+                t0 = time.perf_counter()
+                on_batch(s, frames, amp[s:s + rows], phase[s:s + rows])
+                times["residual"] = times.get("residual", 0.0) + time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        be.run_batches(-(-n // batch), fill, done)
+        # inference: the loop's time less reading, preprocessing and residuals (batch k+1 overlaps batch k)
+        times["infer"] = time.perf_counter() - t0 - times["read"] - times["preprocess"] - times.get("residual", 0.0)
     return amp, phase, times
 
 

@@ -226,6 +226,28 @@ class Backend(abc.ABC):
         alloc = allocator or HostAllocator()
         return {s.name: alloc.empty(s.shape, s.dtype) for s in self.output_spec}
 
+    def run_batches(self, count: int, fill: Callable[[int, np.ndarray], int],
+                    done: Callable[[int, dict[str, np.ndarray], int], None],
+                    inputs: list[np.ndarray] | None = None) -> None:
+        """Run `count` batches double-buffered: fill(k, inputs) writes batch k into `inputs` and returns its
+        rows; done(k, outputs, rows) gets its results. Batch k+1 is filled and submitted before batch k is
+        waited on, so an asynchronous backend (the cpu backend's parallel sessions, a GPU) runs both.
+        `inputs`: two input batches (default: zeroed device-visible memory from allocator())."""
+        if inputs is None:
+            spec, alloc = self.input_spec, self.allocator()
+            inputs = [alloc.empty(spec.shape, spec.dtype) for _ in range(2)]
+            for buf in inputs:  # rows past a partial batch stay zero, never stale memory
+                buf[...] = 0
+        outputs = [self.new_outputs(), self.new_outputs()]
+        pending: list[tuple[int, Ticket]] = []
+        for k in range(count + 2):
+            if pending and (len(pending) == 2 or k >= count):  # the oldest: its buffers are refilled next
+                j, ticket = pending.pop(0)
+                done(j, self.wait(ticket), ticket.n)
+            if k < count:
+                rows = fill(k, inputs[k % 2])
+                pending.append((k, self.submit(inputs[k % 2], outputs[k % 2], n=rows)))
+
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Synchronous inference of any number of frames (chunks of batch_size); for tools and tests."""
         spec = self.input_spec
@@ -237,23 +259,19 @@ class Backend(abc.ABC):
         results: dict[str, list[np.ndarray]] = {s.name: [] for s in self.output_spec}
         # An int8 (fix_point) input is quantised by submit() when handed float32: never cast floats to int8 here.
         quantised_input = np.issubdtype(spec.dtype, np.integer) and np.issubdtype(x.dtype, np.floating)
-        batches = [np.zeros(spec.shape, dtype=np.float32 if quantised_input else spec.dtype) for _ in range(2)]
-        outputs = [self.new_outputs(), self.new_outputs()]
-        pending: list[tuple[Ticket, int]] = []  # double-buffered: an asynchronous backend runs two at once
+        b = self.batch_size
 
-        def collect() -> None:
-            ticket, rows = pending.pop(0)
-            for name, arr in self.wait(ticket).items():
+        def fill(k: int, inputs: np.ndarray) -> int:
+            chunk = x[k * b:(k + 1) * b]
+            inputs[: len(chunk)] = chunk
+            return len(chunk)
+
+        def done(k: int, outputs: dict[str, np.ndarray], rows: int) -> None:
+            for name, arr in outputs.items():
                 results[name].append(arr[:rows].copy())
 
-        for k, start in enumerate(range(0, len(x), self.batch_size)):
-            if len(pending) == 2:
-                collect()
-            chunk = x[start:start + self.batch_size]
-            batches[k % 2][: len(chunk)] = chunk
-            pending.append((self.submit(batches[k % 2], outputs[k % 2], n=len(chunk)), len(chunk)))
-        while pending:
-            collect()
+        staging = [np.zeros(spec.shape, dtype=np.float32 if quantised_input else spec.dtype) for _ in range(2)]
+        self.run_batches(-(-len(x) // b), fill, done, staging)
         return {k: np.concatenate(v) if v else np.empty((0,)) for k, v in results.items()}
 
     def __enter__(self) -> Backend:
