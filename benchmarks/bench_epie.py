@@ -31,6 +31,7 @@ import numpy as np
 from edgeptycho.physics import metrics, simulate
 from edgeptycho.physics.epie import EpieOptions, solve
 from edgeptycho.physics.types import Reconstruction, ScanData
+from edgeptycho.pipeline.trust import QualityConfig
 
 
 def simulated_scan(n: int, positions: int, modes: int, seed: int = 0, kind: str = "siemens-star",
@@ -262,6 +263,33 @@ def _degrade(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return x.astype(np.complex64)
 
 
+def _live_scores(pred: np.ndarray, res: np.ndarray, scan, m: int, delay: int, batch: int = 32):
+    """The service's score, as its quality stage computes it: patches blended into a LiveStitcher in scan
+    order, batch by batch, each frame scored once `delay` more frames are in (pipeline.quality.DelayedScores).
+    """
+    from edgeptycho.pipeline.live_stitch import LiveStitcher
+    from edgeptycho.pipeline.quality import DelayedScores
+    from edgeptycho.pipeline.stitcher import canvas_for, probe_weight
+
+    pos = scan.positions_px()
+    shape, origin = canvas_for(pos, m)
+    st = LiveStitcher(shape, m, probe_weight(scan.probe, m), origin_px=origin)
+    amp, ph = np.abs(pred).astype(np.float32), np.angle(pred).astype(np.float32)
+    scorer = DelayedScores(delay)
+    dis = np.full(len(pred), np.nan, np.float32)
+    score = np.full(len(pred), np.nan, np.float32)
+    for s in range(0, len(pred), batch):
+        e = min(s + batch, len(pred))
+        idx = np.arange(s, e)
+        # as in serve: the quality stage checks a batch before the post stage places it, and scores the
+        # rest at the end of the series, when the last batch may not be placed yet
+        scorer.add(idx, amp[s:e], ph[s:e], pos[s:e], res[s:e], idx.tolist())
+        keys, _, d, sc = scorer.collect(st, final=e == len(pred))
+        dis[keys], score[keys] = d, sc
+        st.add_batch(amp[s:e], ph[s:e], pos[s:e])
+    return dis, score
+
+
 def cmd_monitor(a: argparse.Namespace) -> dict:
     """Does the label-free residual rank frames by their true patch error? Spearman per kind and dose; cost."""
     from scipy.stats import spearmanr
@@ -311,12 +339,17 @@ def cmd_monitor(a: argparse.Namespace) -> dict:
             ph_err = np.array([metrics.phase_nrmse(p, t, foot) for p, t in zip(pred, truth, strict=True)])
             fr = ForwardResidual(scan.probe, m, grid, extend=a.extend, pad_mode=a.pad_mode)
             res = fr(scan.frames, np.abs(pred), np.angle(pred))
+            dis, score = _live_scores(pred, res, scan, m, a.score_delay)
             # residual floor: the true patches themselves (noise + probe truncation)
             floor = fr(scan.frames, np.abs(truth), np.angle(truth))
-            pooled.append((res, err, ph_err))
+            pooled.append((score, err, ph_err))
             case = {"kind": kind, "dose": dose, "frames": int(len(res)), "grid": fr.g,
-                    "spearman_weighted_complex": float(spearmanr(res, err)[0]),
-                    "spearman_phase_nrmse": float(spearmanr(res, ph_err)[0]),
+                    # the figure the service ranks and thresholds: residual × disagreement^alpha
+                    "spearman_weighted_complex": float(spearmanr(score, err)[0]),
+                    "spearman_residual_only": float(spearmanr(res, err)[0]),
+                    "spearman_disagreement_only": float(spearmanr(np.nan_to_num(dis, nan=np.nanmedian(dis)),
+                                                                 err)[0]),
+                    "spearman_phase_nrmse": float(spearmanr(score, ph_err)[0]),
                     "residual_floor_median": float(np.median(floor)),
                     "residual_median": float(np.median(res)),
                     "true_error_median": float(np.median(err)), "true_error_iqr": float(np.subtract(
@@ -388,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     mp.add_argument("--extend", type=int, default=None, help="pad the patch to this window (default: 2M)")
     mp.add_argument("--pad-mode", default="edge", help="numpy pad mode for --extend")
     mp.add_argument("--cost-frame", type=int, default=256, help="frame size for the cost measurement")
+    mp.add_argument("--score-delay", type=int, default=QualityConfig.score_delay,
+                    help="frames placed after a checked frame before it is scored (serve's quality.score_delay)")
     mp.add_argument("--model", help="score this CNN's own patches (zoo name or .onnx) on the simulation "
                                     "presets' scans (--positions of each kind, --seed, each dose) instead of "
                                     "degraded true patches; --size/--modes/--patch then come from the presets")

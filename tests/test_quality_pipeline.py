@@ -70,6 +70,8 @@ def test_every_patch_message_carries_the_residual_the_monitor_computes(tiny, sca
     q = pipe.status()["quality"]
     assert q["checked"] == 70 and q["over_threshold"] == 0 and q["regions_queued"] == 0
     assert q["residual_p50"] == pytest.approx(float(np.median(res)), rel=1e-5)
+    # every checked frame got its score (residual × neighbours' disagreement^alpha) by the end of the scan
+    assert q["scored"] == 70 and q["score_p50"] > 0 and q["score_alpha"] == QualityConfig().score_alpha
     # the checked frames' copy is counted apart from the payload's one write into the model input
     assert rep["copies_per_frame"]["slot_to_input"] == 1.0 and rep["copies_per_frame"]["quality_copies"] == 1.0
     assert "quality" in rep["cpu_us_per_frame"]
@@ -105,8 +107,9 @@ def test_fallback_regions_are_solved_on_a_dask_scheduler_and_come_back(tiny, sca
     # a separate worker process at a scheduler address: the path a cluster of refinement nodes takes
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None) as cluster:
+        # flags on the residual at once (score_alpha 0), so regions are solved while the scan streams
         cfg = QualityConfig(every=1, threshold=1e-6, refine_delay=16, refine_iters=3, max_backlog=1000,
-                            dask=cluster.scheduler_address)
+                            dask=cluster.scheduler_address, score_alpha=0.0)
         pipe, _, _ = _run(tiny, scan, cfg, tmp_path, publish=False)
         q = pipe.status()["quality"]
     assert q["regions_queued"] >= 2 and q["regions_done"] == q["regions_queued"] and q["regions_failed"] == 0, q

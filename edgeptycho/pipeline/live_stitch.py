@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 
+from .quality import overlap_disagreement
 from .stitcher import (
     MIN_WEIGHT_FRACTION,
     StitchResult,
@@ -218,6 +219,16 @@ class LiveStitcher:
         with self._dirty_lock:
             d = self._dirty
             self._dirty = [min(d[0], r0), min(d[1], c0), max(d[2], r1), max(d[3], c1)]
+
+    def disagreement(self, amplitude: np.ndarray, phase: np.ndarray, positions_px: np.ndarray,
+                     placed: np.ndarray | None = None) -> np.ndarray:
+        """(n,) RMS phase difference (rad) of patches against the mosaic their neighbours made so far
+        (quality.overlap_disagreement); `placed`: which of them were already added (then left out).
+        Reads the sums without the add lock, from any thread, as snapshot does."""
+        amplitude, phase, _ = _check_patches(amplitude, phase, positions_px, self.weight)
+        corners = patch_corners(positions_px, self.m) - np.asarray(self.origin_px)
+        return overlap_disagreement(weighted_complex(amplitude, phase), corners, self.weight, self._num,
+                                    self._den, placed)
 
     def snapshot_sigma(self) -> np.ndarray:
         """The live phase uncertainty σ (H, W) float32 rad (NaN where nothing landed); a new array."""

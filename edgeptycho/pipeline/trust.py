@@ -30,7 +30,7 @@ import numpy as np
 from ..physics.epie import EpieOptions
 from ..physics.forward import bin_frames, extract_patches
 from .batcher import BatchSlot, Port
-from .quality import ForwardResidual, QualityMonitor
+from .quality import SCORE_ALPHA, DelayedScores, ForwardResidual, QualityMonitor
 from .refine import footprint_radius_px, solve_sub, sub_problem
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,13 @@ class QualityConfig:
     # straight out of inference, so the default samples 1 in 16 (~3 %); set 1 where the host CPU is idle
     # (GPU, Jetson, Alveo backends)
     every: int = 16
-    threshold: float | None = None  # residual above which a frame's region is refined; null = no fallback
+    # score above which a frame's region is refined; null = no fallback. The score is residual ×
+    # disagreement^score_alpha (pipeline.quality.combined_score): the patch's Fourier misfit times its RMS phase
+    # difference (rad) from its neighbours' patches, computed `score_delay` frames after the frame, once
+    # the neighbours on both sides are in the mosaic. score_alpha 0: the residual alone, judged at once.
+    threshold: float | None = None
+    score_alpha: float = SCORE_ALPHA
+    score_delay: int = 128
     refine_iters: int = 10
     refine_delay: int = 256  # frames after a flag before its region is refined (its neighbours have arrived)
     reference_every: int = 0  # frames between reference regions (0 = none)
@@ -58,6 +64,9 @@ class QualityConfig:
     def __post_init__(self) -> None:
         if self.every < 1 or self.refine_iters < 0 or self.reference_iters < 0 or self.refine_delay < 0:
             raise ValueError("quality.every must be >= 1; refine_iters, reference_iters, refine_delay >= 0")
+        if self.score_alpha < 0 or self.score_delay < 0:
+            raise ValueError(f"quality.score_alpha ({self.score_alpha}) and quality.score_delay "
+                             f"({self.score_delay}) must be >= 0")
         if self.reference_every < 0 or self.keep_frames < 1 or self.max_backlog < 0:
             raise ValueError("quality.reference_every >= 0, keep_frames >= 1 and max_backlog >= 0 required")
         if self.threshold is not None and not self.threshold > 0:
@@ -126,13 +135,19 @@ class QualityStage:
         o = frame // 2 - e // 2
         self.probe = np.ascontiguousarray(p[:, o:o + e, o:o + e], np.complex64)
         self.mask = None if mask is None else bin_frames((np.asarray(mask) != 0).astype(np.float32), frame // e) > 0
-        self.monitor = QualityMonitor(ForwardResidual(self.probe, m, mask=self.mask), cfg.threshold, auto=False)
-        self.counters = {"checked": 0, "over_threshold": 0, "skipped_batches": 0, "regions_queued": 0,
-                         "regions_done": 0, "regions_failed": 0, "references_done": 0}
+        fr = ForwardResidual(self.probe, m, mask=self.mask)
+        # with a score (score_alpha > 0) the threshold applies to it, once the frame's neighbours are in the
+        # mosaic; the residual monitor then only keeps the residuals' statistics
+        self.scorer = DelayedScores(cfg.score_delay, cfg.score_alpha) if cfg.score_alpha > 0 else None
+        self.monitor = QualityMonitor(fr, None if self.scorer else cfg.threshold, auto=False)
+        self.scores = QualityMonitor(fr, cfg.threshold, auto=False)
+        self.counters = {"checked": 0, "scored": 0, "over_threshold": 0, "skipped_batches": 0,
+                         "regions_queued": 0, "regions_done": 0, "regions_failed": 0, "references_done": 0}
         self.refined: dict[int, list[tuple[tuple[int, int, int, int], np.ndarray]]] = {}
         self.last_refine: dict[str, Any] = {}
         self._pending: list[Region] = []
         self._series = None
+        self._frames = 0  # frames of the current series seen so far, checked or not
         self._store: tuple[np.ndarray, np.ndarray] | None = None  # (keep, e, e) frames, (keep, 2) positions
         self._stored = 0
         self._next_ref = cfg.reference_every or 0
@@ -172,12 +187,22 @@ class QualityStage:
             res = x["residual"] = np.empty(len(slot.meta), np.float32)
         res.fill(np.nan)
         rows = x.get("q_rows") if slot.n else None
+        if slot.n:
+            sid = int(slot.meta["series_id"][0])
+            if sid != self._series:  # a new series without an end marker closes the last one
+                self._end_series()
+                self._series = sid
         if rows:
             x["q_rows"] = []
             if self.backlogged():
                 self.counters["skipped_batches"] += 1
             else:
                 self._residuals(slot, np.asarray(rows), res)
+        self._frames += slot.n
+        if self.scorer is not None and self._series is not None:
+            self._score(final=False)
+        if self._refiner is not None and self._series is not None:
+            self._release(final=False)
         if slot.end_series is not None or slot.closed:
             self._end_series()
 
@@ -188,24 +213,38 @@ class QualityStage:
         r, over = self.monitor.update(frames, amp, phase)
         res[rows] = r
         self.counters["checked"] += len(rows)
-        self.counters["over_threshold"] += int(over.sum())
-        if self._refiner is None:
-            return
-        meta = slot.meta[rows]
-        sid = int(meta["series_id"][0])
-        if sid != self._series:
-            self._end_series()
-            self._series, self._stored = sid, 0
-        pos = self.geometry.positions(meta)  # patch pixels; the canvas origin is the stitcher's, at refine time
+        sid = self._series
+        pos = self.geometry.positions(slot.meta[rows])  # patch pixels; canvas origin: the stitcher's, later
         ok = np.isfinite(pos).all(axis=1)
-        self._keep(frames[ok], pos[ok])
-        for i in np.flatnonzero(over & ok):
-            self._queue(Region(sid, tuple(pos[i]), self._stored + self.cfg.refine_delay, residual=float(r[i])))
-        if self.cfg.reference_every and self.counters["checked"] >= self._next_ref and ok.any():
+        if self._refiner is not None:
+            self._keep(frames[ok], pos[ok])
+        due = self._stored + self.cfg.refine_delay
+        if self.scorer is not None:  # flags come with the scores, once the neighbours are in the mosaic
+            self.scorer.add(self._frames + rows[ok], amp[ok], phase[ok], pos[ok], r[ok],
+                            [(sid, tuple(p), due) for p in pos[ok].tolist()])
+        else:
+            self.counters["over_threshold"] += int(over.sum())
+            if self._refiner is not None:
+                for i in np.flatnonzero(over & ok):
+                    self._queue(Region(sid, tuple(pos[i]), due, residual=float(r[i])))
+        if self._refiner is not None and self.cfg.reference_every and self.counters["checked"] >= self._next_ref \
+                and ok.any():
             self._next_ref += self.cfg.reference_every
             i = int(np.flatnonzero(ok)[-1])
-            self._queue(Region(sid, tuple(pos[i]), self._stored + self.cfg.refine_delay, "reference", float(r[i])))
-        self._release(final=False)
+            self._queue(Region(sid, tuple(pos[i]), due, "reference", float(r[i])))
+
+    def _score(self, final: bool) -> None:
+        """Scores of the checked frames whose neighbours have arrived (all at the end); flagged → regions."""
+        keys, _, _, score = self.scorer.collect(self.stitcher_of(self._series), final)
+        if not keys:
+            return
+        flags = self.scores.judge(score)
+        self.counters["scored"] += len(keys)
+        self.counters["over_threshold"] += int(flags.sum())
+        if self._refiner is not None:
+            for i in np.flatnonzero(flags).tolist():
+                sid, centre, due = keys[i]
+                self._queue(Region(sid, centre, due, residual=float(score[i])))
 
     def _keep(self, frames: np.ndarray, pos: np.ndarray) -> None:
         if self._store is None:
@@ -251,9 +290,11 @@ class QualityStage:
         return f[near], p[near]
 
     def _end_series(self) -> None:
+        if self.scorer is not None and self._series is not None:
+            self._score(final=True)
         if self._refiner is not None and self._pending:
             self._release(final=True)
-        self._series, self._stored = None, 0
+        self._series, self._stored, self._frames = None, 0, 0
 
     # --- refinement (background thread; the solve itself optionally on Dask) --------------------------
     def _refine_loop(self) -> None:
@@ -350,7 +391,8 @@ class QualityStage:
         return len(done)
 
     def status(self) -> dict[str, Any]:
-        s = self.monitor.status()
+        s, sc = self.monitor.status(), self.scores.status()
         return {**self.counters, "residual_p50": s["residual_median"], "residual_p95": s["residual_p95"],
-                "threshold": self.cfg.threshold, "every": self.cfg.every, "last_refine": self.last_refine,
-                "reference_phase_nrmse": s["reference_phase_nrmse"]}
+                "score_p50": sc["residual_median"], "score_p95": sc["residual_p95"],
+                "score_alpha": self.cfg.score_alpha, "threshold": self.cfg.threshold, "every": self.cfg.every,
+                "last_refine": self.last_refine, "reference_phase_nrmse": s["reference_phase_nrmse"]}
