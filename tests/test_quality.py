@@ -113,3 +113,22 @@ def test_auto_grid_bins_more_when_counts_are_few():
     assert fr_low.choose_grid(1e4) < fr_high.choose_grid(1e6) == 128
     fr_low(np.full((2, 128, 128), 1e4 / 128**2, np.float32), np.ones((2, 64, 64)), np.zeros((2, 64, 64)))
     assert fr_low.g == fr_low.choose_grid(1e4) == 64 and 1e4 / fr_low.g**2 >= fr_low.min_counts
+
+
+def test_the_residual_leaves_the_callers_frames_as_they_were():
+    # float32 frames on the window's own grid are not binned: the square root must not land in them (the
+    # quality stage keeps those frames for fallback refinement)
+    scan = _scan(1e6)
+    m = 16
+    truth = _truth_patches(scan, m)
+    fr = ForwardResidual(scan.probe, m, grid=2 * m)
+    n = scan.frame_size
+    frames = scan.frames.reshape(-1, 2 * m, n // (2 * m), 2 * m, n // (2 * m)).sum(axis=(2, 4)).astype(np.float32)
+    fr32 = ForwardResidual(scan.probe[..., n // 2 - m:n // 2 + m, n // 2 - m:n // 2 + m], m, grid=2 * m)
+    before = frames.copy()
+    fr32(frames, np.abs(truth), np.angle(truth))
+    np.testing.assert_array_equal(frames, before)
+    raw = scan.frames.astype(np.float32)
+    kept = raw.copy()
+    fr(raw, np.abs(truth), np.angle(truth))
+    np.testing.assert_array_equal(raw, kept)

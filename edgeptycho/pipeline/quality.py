@@ -117,6 +117,8 @@ class ForwardResidual:
         if self.g is None:
             self._set_grid(self.choose_grid(float(f.sum(axis=(1, 2), dtype=np.float64).mean())))
         b = bin_frames(f, self.bin, dtype=np.float32)  # strided sums straight from the detector's integers
+        if np.shares_memory(b, f):  # bin 1 of float32 frames returns them: the square root below is in place
+            b = b.copy()
         np.maximum(b, 0, out=b)
         np.sqrt(b, out=b)
         return np.fft.ifftshift(b, axes=(-2, -1))
