@@ -132,3 +132,21 @@ def test_the_residual_leaves_the_callers_frames_as_they_were():
     kept = raw.copy()
     fr(raw, np.abs(truth), np.angle(truth))
     np.testing.assert_array_equal(raw, kept)
+
+
+def test_a_perfect_patch_fits_binned_frames_once_the_far_field_is_centred_on_the_binned_pixels():
+    # a b×b-binned pixel is centred (b-1)/2 detector pixels off the FFT sample (forward.binning_ramp)
+    n, m = 64, 16
+    probe = normalize_probe(gaussian_probe(n, 4.0, curvature_px=8.0)[None], 1e6)
+    rng = np.random.default_rng(3)
+    obj = np.exp(1j * gaussian_filter(rng.standard_normal((120, 120)), 1.5) * 2).astype(np.complex64)
+    pos = rng.uniform(40, 80, (8, 2))
+    frames = diffraction_intensity(obj, probe, pos)
+    patches = extract_patches(obj, pos, m)
+    amp, ph = np.abs(patches), np.angle(patches)
+    on_binned_grid = ForwardResidual(probe, m, grid=n // 4, poisson=False)(frames, amp, ph)
+    e = 2 * m  # frames the caller binned to the window already, as the quality stage keeps them
+    pre = frames.reshape(8, e, n // e, e, n // e).sum(axis=(2, 4)).astype(np.float32)
+    o = n // 2 - e // 2
+    prebinned = ForwardResidual(probe[:, o:o + e, o:o + e], m, grid=e, poisson=False, prebinned=n // e)(pre, amp, ph)
+    assert on_binned_grid.max() < 2e-3 and prebinned.max() < 2e-3, (on_binned_grid, prebinned)

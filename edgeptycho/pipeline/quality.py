@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import scipy.fft as sfft
 
-from ..physics.forward import bin_frames
+from ..physics.forward import bin_frames, binning_ramp
 from ..physics.metrics import complex_nrmse, phase_nrmse
 
 
@@ -55,7 +55,7 @@ class ForwardResidual:
 
     def __init__(self, probe: np.ndarray, patch_size: int, grid: int | str | None = "auto",
                  mask: np.ndarray | None = None, workers: int = 1, poisson: bool = True,
-                 extend: int | None = None, pad_mode: str = "edge", min_counts: float = 1.0):
+                 extend: int | None = None, pad_mode: str = "edge", min_counts: float = 1.0, prebinned: int = 1):
         p = np.asarray(probe)
         p = p[None] if p.ndim == 2 else p
         if p.ndim != 3 or p.shape[-1] != p.shape[-2]:
@@ -76,6 +76,7 @@ class ForwardResidual:
         self.probe = np.ascontiguousarray(p[:, o:o + e, o:o + e], dtype=np.complex64)  # (K, e, e)
         self.workers = workers
         self.min_counts = min_counts
+        self.prebinned = int(prebinned)  # the frames passed in were binned this much from the detector already
         if mask is not None and mask.shape != (n, n):
             raise ValueError(f"mask must be ({n}, {n}) like a frame, got {mask.shape}")
         self.mask = mask
@@ -91,6 +92,8 @@ class ForwardResidual:
         self.model_bin = e // g if g < e else 1  # coarser than the window: bin the model intensity too
         self._pad = max(g - e, 0) // 2
         self._gm = max(g, e)  # the grid the exit wave is transformed on
+        # each FFT sample stands for prebinned·n/gm detector pixels: centre it where the binned data are
+        self._probe_g = self.probe * binning_ramp(e, self._gm, self.prebinned * n // self._gm)
         self.valid = None
         if self.mask is not None:  # a binned pixel is valid only when every detector pixel in it is
             bad = bin_frames((np.asarray(self.mask) != 0).astype(np.float32), self.bin)
@@ -141,7 +144,7 @@ class ForwardResidual:
             patch = np.pad(patch, ((0, 0), (d, d), (d, d)), mode=self.pad_mode)
         gm, q, m = self._gm, self._pad, self.e
         wave = np.zeros((len(patch), self.probe.shape[0], gm, gm), np.complex64)
-        np.multiply(patch[:, None], self.probe[None], out=wave[:, :, q:q + m, q:q + m])
+        np.multiply(patch[:, None], self._probe_g[None], out=wave[:, :, q:q + m, q:q + m])
         # all modes in one FFT; the exit wave is not ifftshifted: a translation is a far-field phase ramp,
         # invisible in intensity
         ff = sfft.fft2(wave, norm="ortho", workers=self.workers, overwrite_x=True)

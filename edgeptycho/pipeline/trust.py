@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..physics.epie import EpieOptions
-from ..physics.forward import bin_frames, extract_patches
+from ..physics.forward import bin_frames, binning_ramp, extract_patches
 from .batcher import BatchSlot, Port
 from .quality import SCORE_ALPHA, DelayedScores, ForwardResidual, QualityMonitor
 from .refine import footprint_radius_px, solve_sub, sub_problem
@@ -135,7 +135,9 @@ class QualityStage:
         o = frame // 2 - e // 2
         self.probe = np.ascontiguousarray(p[:, o:o + e, o:o + e], np.complex64)
         self.mask = None if mask is None else bin_frames((np.asarray(mask) != 0).astype(np.float32), frame // e) > 0
-        fr = ForwardResidual(self.probe, m, mask=self.mask)
+        fr = ForwardResidual(self.probe, m, mask=self.mask, prebinned=frame // e)
+        # the refinement solves the kept frames (binned to the window) with this probe (forward.binning_ramp)
+        self.solve_probe = self.probe * binning_ramp(e, e, frame // e)
         # with a score (score_alpha > 0) the threshold applies to it, once the frame's neighbours are in the
         # mosaic; the residual monitor then only keeps the residuals' statistics
         self.scorer = DelayedScores(cfg.score_delay, cfg.score_alpha) if cfg.score_alpha > 0 else None
@@ -348,7 +350,7 @@ class QualityStage:
         cr = int(round(reg.centre[0])) - reg.stitcher.origin_px[0] + pad
         cc = int(round(reg.centre[1])) - reg.stitcher.origin_px[1] + pad
         box = (max(cr - h, pad), min(cr + h, pad + seed.shape[0]), max(cc - h, pad), min(cc + h, pad + seed.shape[1]))
-        job = sub_problem(frames, pos + pad, self.probe, obj, box, self.mask)
+        job = sub_problem(frames, pos + pad, self.solve_probe, obj, box, self.mask)
         n_iters = self.cfg.reference_iters if reg.kind == "reference" else self.cfg.refine_iters
         out, _, _ = self._solve(job, n_iters)
         before = self._region_residual(job, job.obj)
