@@ -12,7 +12,7 @@ minus the expected Poisson part of it, so it is about zero for a perfect patch a
 error. The patch is first padded (edge values) to a 2M window so that the probe's tails are not cut: the
 cut tails, lit on an object the patch does not show, were the main frame-to-frame error of the residual.
 
-What the monitor ranks and thresholds is the score r · d^½, d the patch's RMS phase disagreement with the
+What the monitor ranks and thresholds is the score r · d^0.75, d the patch's RMS phase disagreement with the
 mosaic of its neighbours' patches (overlap_disagreement), computed once they have arrived (DelayedScores):
 at low dose the residual is mostly shot noise, and a patch can agree with neighbours that share its error.
 """
@@ -179,9 +179,10 @@ class ForwardResidual:
 
 # The score the monitor ranks and thresholds: residual × disagreement^SCORE_ALPHA. Either factor alone misses
 # errors the other sees: at 10⁴ photons the residual is mostly shot noise on weak-contrast objects (cells),
-# while a patch that agrees with its neighbours can still be wrong in the same way they are. 0.5 was chosen
-# on seeds 777–778 (0.25–2 tried) and checked on 779–780 (docs/BENCHMARKS.md, "Label-free quality monitor").
-SCORE_ALPHA = 0.5
+# while a patch that agrees with its neighbours can still be wrong in the same way they are. 0.75 was chosen
+# on seeds 777–778 (0.35, 0.5, 0.75, 1 tried) and checked on 779–780 (docs/BENCHMARKS.md, "Label-free quality
+# monitor").
+SCORE_ALPHA = 0.75
 # a mosaic pixel counts as covered by the other patches at this fraction of one patch's peak weight
 COVER_FRACTION = 0.3
 
