@@ -265,10 +265,10 @@ def _degrade(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _live_scores(pred: np.ndarray, res: np.ndarray, scan, m: int, delay: int, batch: int = 32):
     """The service's score, as its quality stage computes it: patches blended into a LiveStitcher in scan
-    order, batch by batch, each frame scored once `delay` more frames are in (pipeline.quality.DelayedScores).
+    order, batch by batch, each frame scored once `delay` more frames are in (pipeline.score.DelayedScores).
     """
     from edgeptycho.pipeline.live_stitch import LiveStitcher
-    from edgeptycho.pipeline.quality import DelayedScores
+    from edgeptycho.pipeline.score import DelayedScores
     from edgeptycho.pipeline.stitcher import canvas_for, probe_weight
 
     pos = scan.positions_px()

@@ -8,7 +8,7 @@ from scipy.ndimage import gaussian_filter
 
 from edgeptycho.physics.forward import extract_patches
 from edgeptycho.pipeline.live_stitch import LiveStitcher
-from edgeptycho.pipeline.quality import DelayedScores, combined_score
+from edgeptycho.pipeline.score import DelayedScores, combined_score
 from edgeptycho.pipeline.stitcher import canvas_for
 from edgeptycho.pipeline.trust import QualityConfig
 

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 
-from .quality import overlap_disagreement
+from .score import overlap_disagreement
 from .stitcher import (
     MIN_WEIGHT_FRACTION,
     StitchResult,
@@ -223,7 +223,7 @@ class LiveStitcher:
     def disagreement(self, amplitude: np.ndarray, phase: np.ndarray, positions_px: np.ndarray,
                      placed: np.ndarray | None = None) -> np.ndarray:
         """(n,) RMS phase difference (rad) of patches against the mosaic their neighbours made so far
-        (quality.overlap_disagreement); `placed`: which of them were already added (then left out).
+        (score.overlap_disagreement); `placed`: which of them were already added (then left out).
         Reads the sums without the add lock, from any thread, as snapshot does."""
         amplitude, phase, _ = _check_patches(amplitude, phase, positions_px, self.weight)
         corners = patch_corners(positions_px, self.m) - np.asarray(self.origin_px)

@@ -30,8 +30,9 @@ import numpy as np
 from ..physics.epie import EpieOptions
 from ..physics.forward import bin_frames, binning_ramp, extract_patches
 from .batcher import BatchSlot, Port
-from .quality import SCORE_ALPHA, DelayedScores, ForwardResidual, QualityMonitor
+from .quality import ForwardResidual, QualityMonitor
 from .refine import footprint_radius_px, solve_sub, sub_problem
+from .score import SCORE_ALPHA, DelayedScores
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class QualityConfig:
     # (GPU, Jetson, Alveo backends)
     every: int = 16
     # score above which a frame's region is refined; null = no fallback. The score is residual ×
-    # disagreement^score_alpha (pipeline.quality.combined_score): the patch's Fourier misfit times its RMS phase
+    # disagreement^score_alpha (pipeline.score.combined_score): the patch's Fourier misfit times its RMS phase
     # difference (rad) from its neighbours' patches, computed `score_delay` frames after the frame, once
     # the neighbours on both sides are in the mosaic. score_alpha 0: the residual alone, judged at once.
     threshold: float | None = None
