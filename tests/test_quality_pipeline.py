@@ -102,6 +102,24 @@ def test_frames_over_threshold_are_refined_and_pasted_into_the_mosaic_and_the_cx
     assert not pipe.quality.refined  # every series' regions went into its final image
 
 
+def test_sampled_frames_are_all_scored_and_the_threshold_applies_to_the_score(tiny, scan, tmp_path):
+    # one frame in 3 checked; every checked frame scored by the end of the scan; the frames over the
+    # threshold are those whose score (not residual) is above it
+    scores = []
+    pipe, _, _ = _run(tiny, scan, QualityConfig(every=3, max_backlog=1000), tmp_path, publish=False)
+    q = pipe.status()["quality"]
+    assert q["checked"] == 24 and q["scored"] == 24 and q["over_threshold"] == 0
+    scores = np.fromiter(pipe.quality.scores._recent, float)
+    residuals = np.fromiter(pipe.quality.monitor._recent, float)
+    assert len(scores) == 24 and np.isfinite(scores).all() and not np.allclose(scores, residuals)
+    thr = float(np.median(scores))
+    (tmp_path / "t").mkdir()
+    pipe, _, _ = _run(tiny, scan, QualityConfig(every=3, max_backlog=1000, threshold=thr, refine_iters=1),
+                      tmp_path / "t", publish=False)
+    q = pipe.status()["quality"]
+    assert q["over_threshold"] == int((scores > thr).sum()) and q["regions_queued"] >= 1
+
+
 def test_fallback_refinement_brings_the_final_image_closer_to_the_truth(tiny, scan, tmp_path):
     # the regions are solved against the kept raw frames: once, the residual's square root ran in place on
     # them, and every refined region fitted √counts and made the image worse (0.12 -> 0.99 on a held-out ic)

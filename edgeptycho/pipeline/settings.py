@@ -11,7 +11,7 @@ from typing import Literal
 from edgeptycho.config import from_mapping, load_yaml
 from edgeptycho.stream.ring import RingConfig
 
-from .trust import QualityConfig
+from .score import SCORE_ALPHA
 
 # GIL switch interval while a pipeline runs (ServeConfig.switch_interval_ms); None keeps the interpreter's.
 DEFAULT_SWITCH_MS: float | None = None
@@ -124,6 +124,43 @@ class StitchConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.mosaic_hz <= 100:
             raise ValueError(f"stitch.mosaic_hz must be in [0, 100], got {self.mosaic_hz}")
+
+
+@dataclass
+class QualityConfig:
+    """`quality:` block of serve.yaml (configs/serve.yaml documents every key)."""
+
+    enabled: bool = True  # needs the probe (scan file or stitch.probe); off without one
+    # residual of one frame in `every`: at every frame it measured 0.68× the inference thread's CPU (cpu-default,
+    # 256-px frames, grid 128; 31 % of the pipeline's CPU), at 1 in 4 11.6 %. On a CPU backend that CPU comes
+    # straight out of inference, so the default samples 1 in 16 (~3 %); set 1 where the host CPU is idle
+    # (GPU, Jetson, Alveo backends)
+    every: int = 16
+    # score above which a frame's region is refined; null = no fallback. The score is residual ×
+    # disagreement^score_alpha (pipeline.score.combined_score): the patch's Fourier misfit times its RMS phase
+    # difference (rad) from its neighbours' patches, computed `score_delay` frames after the frame, once
+    # the neighbours on both sides are in the mosaic. score_alpha 0: the residual alone, judged at once.
+    threshold: float | None = None
+    score_alpha: float = SCORE_ALPHA
+    score_delay: int = 128
+    refine_iters: int = 10
+    refine_delay: int = 256  # frames after a flag before its region is refined (its neighbours have arrived)
+    reference_every: int = 0  # frames between reference regions (0 = none)
+    reference_iters: int = 50
+    keep_frames: int = 2048  # checked frames kept per series for refinement (binned to the e×e window)
+    dask: str | None = None  # null: a background thread; "local": a LocalCluster; or a scheduler address
+    max_backlog: int = 1  # batches waiting for the stage beyond which it skips batches
+
+    def __post_init__(self) -> None:
+        if self.every < 1 or self.refine_iters < 0 or self.reference_iters < 0 or self.refine_delay < 0:
+            raise ValueError("quality.every must be >= 1; refine_iters, reference_iters, refine_delay >= 0")
+        if self.score_alpha < 0 or self.score_delay < 0:
+            raise ValueError(f"quality.score_alpha ({self.score_alpha}) and quality.score_delay "
+                             f"({self.score_delay}) must be >= 0")
+        if self.reference_every < 0 or self.keep_frames < 1 or self.max_backlog < 0:
+            raise ValueError("quality.reference_every >= 0, keep_frames >= 1 and max_backlog >= 0 required")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"quality.threshold must be > 0 or null, got {self.threshold}")
 
 
 @dataclass

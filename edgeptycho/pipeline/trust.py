@@ -32,46 +32,10 @@ from ..physics.forward import bin_frames, binning_ramp, extract_patches
 from .batcher import BatchSlot, Port
 from .quality import ForwardResidual, QualityMonitor
 from .refine import footprint_radius_px, solve_sub, sub_problem
-from .score import SCORE_ALPHA, DelayedScores
+from .score import DelayedScores
+from .settings import QualityConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QualityConfig:
-    """`quality:` block of serve.yaml (configs/serve.yaml documents every key)."""
-
-    enabled: bool = True  # needs the probe (scan file or stitch.probe); off without one
-    # residual of one frame in `every`: at every frame it measured 0.68× the inference thread's CPU (cpu-default,
-    # 256-px frames, grid 128; 31 % of the pipeline's CPU), at 1 in 4 11.6 %. On a CPU backend that CPU comes
-    # straight out of inference, so the default samples 1 in 16 (~3 %); set 1 where the host CPU is idle
-    # (GPU, Jetson, Alveo backends)
-    every: int = 16
-    # score above which a frame's region is refined; null = no fallback. The score is residual ×
-    # disagreement^score_alpha (pipeline.score.combined_score): the patch's Fourier misfit times its RMS phase
-    # difference (rad) from its neighbours' patches, computed `score_delay` frames after the frame, once
-    # the neighbours on both sides are in the mosaic. score_alpha 0: the residual alone, judged at once.
-    threshold: float | None = None
-    score_alpha: float = SCORE_ALPHA
-    score_delay: int = 128
-    refine_iters: int = 10
-    refine_delay: int = 256  # frames after a flag before its region is refined (its neighbours have arrived)
-    reference_every: int = 0  # frames between reference regions (0 = none)
-    reference_iters: int = 50
-    keep_frames: int = 2048  # checked frames kept per series for refinement (binned to the e×e window)
-    dask: str | None = None  # null: a background thread; "local": a LocalCluster; or a scheduler address
-    max_backlog: int = 1  # batches waiting for the stage beyond which it skips batches
-
-    def __post_init__(self) -> None:
-        if self.every < 1 or self.refine_iters < 0 or self.reference_iters < 0 or self.refine_delay < 0:
-            raise ValueError("quality.every must be >= 1; refine_iters, reference_iters, refine_delay >= 0")
-        if self.score_alpha < 0 or self.score_delay < 0:
-            raise ValueError(f"quality.score_alpha ({self.score_alpha}) and quality.score_delay "
-                             f"({self.score_delay}) must be >= 0")
-        if self.reference_every < 0 or self.keep_frames < 1 or self.max_backlog < 0:
-            raise ValueError("quality.reference_every >= 0, keep_frames >= 1 and max_backlog >= 0 required")
-        if self.threshold is not None and not self.threshold > 0:
-            raise ValueError(f"quality.threshold must be > 0 or null, got {self.threshold}")
 
 
 class QualityTap:
@@ -151,6 +115,7 @@ class QualityStage:
         self._pending: list[Region] = []
         self._series = None
         self._frames = 0  # frames of the current series seen so far, checked or not
+        self._placeable = 0  # of them, those with a position (the post stage places them in the mosaic)
         self._store: tuple[np.ndarray, np.ndarray] | None = None  # (keep, e, e) frames, (keep, 2) positions
         self._stored = 0
         self._next_ref = cfg.reference_every or 0
@@ -173,12 +138,18 @@ class QualityStage:
                 slot = self.inp.get(self.stop)
                 if slot is None:
                     return
+                ends, closed = slot.end_series is not None or slot.closed, slot.closed  # before the slot moves on
                 try:
                     self._check(slot)
                 except Exception:  # a quality failure must never stop the results
                     log.exception("quality check of a batch failed")
                 self.out.put(slot)
-                if slot.closed:
+                if ends:  # after passing the slot on: the series' last scores wait for its last patches
+                    try:
+                        self._end_series(wait_placed=True)
+                    except Exception:
+                        log.exception("quality: ending a series failed")
+                if closed:
                     return
         finally:
             self._jobs.put(None)
@@ -202,12 +173,12 @@ class QualityStage:
             else:
                 self._residuals(slot, np.asarray(rows), res)
         self._frames += slot.n
+        if slot.n and self.scorer is not None:
+            self._placeable += int(np.isfinite(self.geometry.positions(slot.meta[:slot.n])).all(axis=1).sum())
         if self.scorer is not None and self._series is not None:
             self._score(final=False)
         if self._refiner is not None and self._series is not None:
             self._release(final=False)
-        if slot.end_series is not None or slot.closed:
-            self._end_series()
 
     def _residuals(self, slot: BatchSlot, rows: np.ndarray, res: np.ndarray) -> None:
         frames = bin_frames(slot.extra["q_buf"][:len(rows)], self.n // self.e, dtype=np.float32)
@@ -292,12 +263,19 @@ class QualityStage:
             near = np.flatnonzero((np.abs(p - np.asarray(reg.centre)) <= reach).all(axis=1))
         return f[near], p[near]
 
-    def _end_series(self) -> None:
+    def _end_series(self, wait_placed: bool = False, timeout: float = 2.0) -> None:
         if self.scorer is not None and self._series is not None:
+            if wait_placed:  # the post stage is a batch or two behind: score against the whole mosaic
+                deadline = time.monotonic() + timeout
+                while not self.stop.is_set() and time.monotonic() < deadline:
+                    st = self.stitcher_of(self._series)
+                    if (st.n_added if st is not None else 0) >= self._placeable:
+                        break
+                    time.sleep(0.001)
             self._score(final=True)
         if self._refiner is not None and self._pending:
             self._release(final=True)
-        self._series, self._stored, self._frames = None, 0, 0
+        self._series, self._stored, self._frames, self._placeable = None, 0, 0, 0
 
     # --- refinement (background thread; the solve itself optionally on Dask) --------------------------
     def _refine_loop(self) -> None:
