@@ -282,11 +282,13 @@ def _live_scores(pred: np.ndarray, res: np.ndarray, scan, m: int, delay: int, ba
         e = min(s + batch, len(pred))
         idx = np.arange(s, e)
         # as in serve: the quality stage checks a batch before the post stage places it, and scores the
-        # rest at the end of the series, when the last batch may not be placed yet
+        # rest at the end of the series, once the last batch is placed
         scorer.add(idx, amp[s:e], ph[s:e], pos[s:e], res[s:e], idx.tolist())
-        keys, _, d, sc = scorer.collect(st, final=e == len(pred))
+        keys, _, d, sc = scorer.collect(st)
         dis[keys], score[keys] = d, sc
         st.add_batch(amp[s:e], ph[s:e], pos[s:e])
+    keys, _, d, sc = scorer.collect(st, final=True)
+    dis[keys], score[keys] = d, sc
     return dis, score
 
 
