@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from pipeline_support import small_scan, tiny_artifact_path
@@ -118,6 +120,26 @@ def test_sampled_frames_are_all_scored_and_the_threshold_applies_to_the_score(ti
                       tmp_path / "t", publish=False)
     q = pipe.status()["quality"]
     assert q["over_threshold"] == int((scores > thr).sum()) and q["regions_queued"] >= 1
+
+
+def test_regions_flagged_at_the_end_of_a_series_still_reach_its_final_image(tiny, scan, tmp_path, monkeypatch):
+    # a scan shorter than score_delay is scored at its end, after the end slot went on to the writer: the
+    # writer's final image must wait for those regions (slowed down here so that it would not otherwise)
+    from edgeptycho.pipeline.trust import QualityStage
+
+    score = QualityStage._score
+
+    def slow_final(self, final):
+        if final:
+            time.sleep(0.5)
+        return score(self, final)
+
+    monkeypatch.setattr(QualityStage, "_score", slow_final)
+    cfg = QualityConfig(every=1, threshold=1e-9, refine_delay=16, refine_iters=1, max_backlog=1000)
+    pipe, _, _ = _run(tiny, scan, cfg, tmp_path, publish=False)
+    q = pipe.status()["quality"]
+    assert q["regions_queued"] >= 2 and q["regions_done"] == q["regions_queued"], q
+    assert not pipe.quality.refined  # every region went into the final CXI, none was left over
 
 
 def test_fallback_refinement_brings_the_final_image_closer_to_the_truth(tiny, scan, tmp_path):

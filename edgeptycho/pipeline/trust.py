@@ -74,7 +74,7 @@ class Region:
 
     series_id: int
     centre: tuple[float, float]  # patch (object) pixels
-    due: int  # frames checked when it may run
+    due: int  # frames of its series seen when it may run
     kind: str = "fallback"  # fallback | reference
     residual: float = math.nan
     stitcher: Any = None
@@ -143,12 +143,21 @@ class QualityStage:
                     self._check(slot)
                 except Exception:  # a quality failure must never stop the results
                     log.exception("quality check of a batch failed")
+                sid = self._series if ends and self._refiner is not None else None
+                if sid is not None:  # the series' final image (apply_refined) waits for its last regions too
+                    with self._cond:
+                        self._busy_series[sid] = self._busy_series.get(sid, 0) + 1
                 self.out.put(slot)
                 if ends:  # after passing the slot on: the series' last scores wait for its last patches
                     try:
                         self._end_series(wait_placed=True)
                     except Exception:
                         log.exception("quality: ending a series failed")
+                    finally:
+                        if sid is not None:
+                            with self._cond:
+                                self._busy_series[sid] -= 1
+                                self._cond.notify_all()
                 if closed:
                     return
         finally:
@@ -192,7 +201,7 @@ class QualityStage:
         ok = np.isfinite(pos).all(axis=1)
         if self._refiner is not None:
             self._keep(frames[ok], pos[ok])
-        due = self._stored + self.cfg.refine_delay
+        due = self._frames + slot.n + self.cfg.refine_delay  # frames, as serve.yaml documents it
         if self.scorer is not None:  # flags come with the scores, once the neighbours are in the mosaic
             self.scorer.add(self._frames + rows[ok], amp[ok], phase[ok], pos[ok], r[ok],
                             [(sid, tuple(p), due) for p in pos[ok].tolist()])
@@ -241,7 +250,7 @@ class QualityStage:
     def _release(self, final: bool) -> None:
         if not final and self.stitcher_of(self._series) is None:  # no patch placed yet: nothing to seed from
             return
-        due = [r for r in self._pending if final or r.due <= self._stored]
+        due = [r for r in self._pending if final or r.due <= self._frames]
         if not due:
             return
         self._pending = [r for r in self._pending if r not in due]
