@@ -107,7 +107,6 @@ def test_frames_over_threshold_are_refined_and_pasted_into_the_mosaic_and_the_cx
 def test_sampled_frames_are_all_scored_and_the_threshold_applies_to_the_score(tiny, scan, tmp_path):
     # one frame in 3 checked; every checked frame scored by the end of the scan; the frames over the
     # threshold are those whose score (not residual) is above it
-    scores = []
     pipe, _, _ = _run(tiny, scan, QualityConfig(every=3, max_backlog=1000), tmp_path, publish=False)
     q = pipe.status()["quality"]
     assert q["checked"] == 24 and q["scored"] == 24 and q["over_threshold"] == 0
