@@ -12,7 +12,7 @@ minus the expected Poisson part of it, so it is about zero for a perfect patch a
 error. The patch is first padded (edge values) to a 2M window so that the probe's tails are not cut: the
 cut tails, lit on an object the patch does not show, were the main frame-to-frame error of the residual.
 
-What the monitor ranks and thresholds is the score r · d^0.75, d the patch's RMS phase disagreement with the
+What the monitor ranks and thresholds is the score r · d^α (score.SCORE_ALPHA), d the patch's RMS phase disagreement with the
 mosaic of its neighbours' patches, computed once they have arrived (pipeline.score): at low dose the
 residual is mostly shot noise, and a patch can agree with neighbours that share its error.
 """
@@ -75,6 +75,8 @@ class ForwardResidual:
         self.probe = np.ascontiguousarray(p[:, o:o + e, o:o + e], dtype=np.complex64)  # (K, e, e)
         self.workers = workers
         self.min_counts = min_counts
+        if int(prebinned) < 1:
+            raise ValueError(f"prebinned must be >= 1 (detector pixels per frame pixel), got {prebinned}")
         self.prebinned = int(prebinned)  # the frames passed in were binned this much from the detector already
         if mask is not None and mask.shape != (n, n):
             raise ValueError(f"mask must be ({n}, {n}) like a frame, got {mask.shape}")
