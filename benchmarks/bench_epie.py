@@ -10,7 +10,8 @@
 `race` runs, per held-out simulated scan and one after the other in one process: the CNN (inference +
 stitch) + N iterations (default mPIE), then M iterations from flat (refine()'s flat defaults: mPIE with the
 final quarter annealed); it records the misfit per iteration, the phase NRMSE per iteration (hybrid) or
-every k (flat), wall and CPU seconds, the time ratios, and a PNG of quality against CPU time.
+every k (flat), wall and CPU seconds, the time ratios, and a PNG of quality against CPU time. With
+--from-truth it repeats both routes seeded with the true object: what neither route can beat at that dose.
 
 `speed` simulates a spiral scan (zone-plate probe, 10-nm pixels) unless --scan is given. `headline` runs N
 iterations from the seed in --init-from (the stitched CNN reconstruction) and M from a flat object, scores
@@ -153,6 +154,8 @@ def _run_curve(scan: ScanData, seed, n_iters: int, every: int, opts: EpieOptions
              for _, o in res.snapshots]
     return {"iters": [i for i, _ in res.snapshots], "phase_nrmse": [q["phase_nrmse"] for q in score],
             "complex_nrmse_final": score[-1]["complex_nrmse"] if score else None,
+            "phase_nrmse_interior_final": score[-1]["phase_nrmse_interior"] if score else None,
+            "edge_error_share_final": score[-1]["edge_error_share"] if score else None,
             "misfit": res.convergence.tolist(), "seconds": res.seconds.tolist(), "wall_s": wall, "cpu_s": cpu}
 
 
@@ -179,9 +182,16 @@ def cmd_race(a: argparse.Namespace) -> dict:
                "wall_ratio": full["wall_s"] / h_wall, "cpu_ratio": full["cpu_s"] / h_cpu,
                "hybrid_beats_full": hyb["phase_nrmse"][-1] <= full["phase_nrmse"][-1],
                "full_iters_to_match_hybrid": None if match is None else match * a.every}
+        if a.from_truth:  # the same two runs from a perfect seed: the floor the data leave each route
+            truth = Reconstruction(np.asarray(scan.object_truth), scan.object_pixel_m, scan.positions_m)
+            row["truth_hybrid"] = _run_curve(scan, truth, a.hybrid_iters, 1, hybrid_opts)
+            row["truth_full"] = _run_curve(scan, truth, a.full_iters, a.every, full_opts)
+            row["truth_phase_nrmse"] = {"hybrid": row["truth_hybrid"]["phase_nrmse"][-1],
+                                        "full": row["truth_full"]["phase_nrmse"][-1]}
         out["scans"][path] = row
         print(path, json.dumps({"cnn": cnn_q, "hybrid": hyb["phase_nrmse"][-1], "full": full["phase_nrmse"][-1],
-                                "wall_ratio": row["wall_ratio"], "cpu_ratio": row["cpu_ratio"]}),
+                                "wall_ratio": row["wall_ratio"], "cpu_ratio": row["cpu_ratio"],
+                                **({"from_truth": row["truth_phase_nrmse"]} if a.from_truth else {})}),
               file=sys.stderr, flush=True)
     if a.png:
         _plot_race(out, a.png)
@@ -438,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--no-anneal", dest="anneal", action="store_false",
                     help="run from flat without refine()'s final step annealing")
     rp.add_argument("--png", help="write the quality-vs-time and convergence figure here")
+    rp.add_argument("--from-truth", action="store_true",
+                    help="also run both routes from the true object: the error the noise alone leaves")
     a = p.parse_args(argv)
     out = {"speed": cmd_speed, "headline": cmd_headline, "quality": cmd_quality, "monitor": cmd_monitor,
            "race": cmd_race}[a.cmd](a)

@@ -1,4 +1,5 @@
-"""The live mosaic removes the CNN's phase ramp as the final stitch does, at snapshot time, paste-safe."""
+"""With remove_ramp, the live mosaic removes the CNN's phase ramp as the final stitch does, at snapshot time,
+paste-safe; by default both keep it."""
 
 from __future__ import annotations
 
@@ -48,14 +49,14 @@ def _live(amp, ph, pos, w, **kw):
 def test_live_mosaic_loses_the_cnn_ramp_like_the_final_stitch():
     tilt = (0.004, -0.003)
     obj, amp, ph, pos, w = _tilted(tilt)
-    live = _live(amp, ph, pos, w)
-    raw = _live(amp, ph, pos, w, remove_ramp=False)
+    live = _live(amp, ph, pos, w, remove_ramp=True)
+    raw = _live(amp, ph, pos, w)
     mask = live.weight_map() > 0.5 * live.weight_map().max()
     before = _ramp_vs_truth(raw.snapshot(), obj, mask)
     after = _ramp_vs_truth(live.snapshot(), obj, mask)
     assert np.hypot(*before) > 0.7 * np.hypot(*tilt)  # the greedy alignment integrates the tilt into a ramp
     assert np.hypot(*after) < 0.35 * np.hypot(*tilt)
-    final = stitch(amp, ph, pos, w, canvas_shape=(S, S), subpixel=False)
+    final = stitch(amp, ph, pos, w, canvas_shape=(S, S), subpixel=False, remove_ramp=True)
     # both estimates carry the object's content (neighbours' differing phase references): the same accuracy
     live_err, final_err = np.hypot(*np.subtract(live.ramp, tilt)), np.hypot(*np.subtract(final.ramp, tilt))
     assert live_err < 0.4 * np.hypot(*tilt) and live_err < final_err + 0.0005
@@ -70,7 +71,7 @@ def test_live_mosaic_loses_the_cnn_ramp_like_the_final_stitch():
 
 def test_patches_without_a_tilt_keep_the_mosaic_as_it_was():
     obj, amp, ph, pos, w = _tilted((0.0, 0.0))
-    live = _live(amp, ph, pos, w)
-    raw = _live(amp, ph, pos, w, remove_ramp=False)
+    live = _live(amp, ph, pos, w, remove_ramp=True)
+    raw = _live(amp, ph, pos, w)
     assert live.ramp == (0.0, 0.0)
     np.testing.assert_array_equal(live.snapshot(), raw.snapshot())

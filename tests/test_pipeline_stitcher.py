@@ -153,7 +153,7 @@ def test_live_amplitude_and_phase_track_the_mosaic_region_by_region():
 
 def test_a_tilt_in_every_patch_does_not_become_a_ramp_across_the_mosaic():
     """A CNN biased to tilt every patch by g rad/px: the offset solve integrates g into a ramp across the
-    whole object; remove_ramp measures it from the overlaps and takes it out."""
+    whole object; remove_ramp=True measures it from the overlaps and takes it out."""
     from edgeptycho.model.dataset import reference_phase
 
     obj, pos, patches, offsets, w = _case(n_pos=200)
@@ -163,8 +163,29 @@ def test_a_tilt_in_every_patch_does_not_become_a_ramp_across_the_mosaic():
     yy, xx = np.mgrid[:M, :M] - M // 2
     tilted = referenced * np.exp(1j * (g[0] * yy + g[1] * xx))[None]
     a, p = np.abs(tilted), np.angle(tilted)
-    fixed = stitch(a, p, pos, w, canvas_shape=obj.shape)
+    fixed = stitch(a, p, pos, w, canvas_shape=obj.shape, remove_ramp=True)
     assert fixed.ramp == pytest.approx(tuple(g), abs=2e-4)
-    kept = stitch(a, p, pos, w, canvas_shape=obj.shape, remove_ramp=False)
+    kept = stitch(a, p, pos, w, canvas_shape=obj.shape)
     e_fixed, e_kept = _errors(fixed.object, obj, fixed.weight)[0], _errors(kept.object, obj, kept.weight)[0]
     assert e_fixed < 0.05 < e_kept
+
+
+def test_the_objects_own_phase_ramp_survives_the_default_stitch():
+    """An object whose phase rises across the field, seen by an untilted model (patches referenced to their
+    own mean phase, as the labels are): the overlaps show the same trend a tilted model would make, so
+    remove_ramp would take the object's ramp away; the default keeps it."""
+    from edgeptycho.model.dataset import reference_phase
+
+    obj, pos, patches, offsets, w = _case(n_pos=200)
+    g = np.array([0.003, -0.002])  # rad per pixel (row, col): ~1 rad across the field
+    rr, cc = np.mgrid[:obj.shape[0], :obj.shape[1]]
+    sloped = obj * np.exp(1j * (g[0] * rr + g[1] * cc))
+    true = extract_patches(sloped, pos, M)
+    referenced = np.abs(true) * np.exp(1j * reference_phase(true, w))
+    a, p = np.abs(referenced), np.angle(referenced)
+    kept = stitch(a, p, pos, w, canvas_shape=obj.shape)
+    assert kept.ramp == (0.0, 0.0)
+    removed = stitch(a, p, pos, w, canvas_shape=obj.shape, remove_ramp=True)
+    assert removed.ramp == pytest.approx(tuple(g), abs=3e-4)
+    e_kept, e_removed = _errors(kept.object, sloped, kept.weight)[0], _errors(removed.object, sloped, removed.weight)[0]
+    assert e_kept < 0.05 < e_removed

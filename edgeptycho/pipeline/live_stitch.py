@@ -35,14 +35,14 @@ class LiveStitcher:
     previous snapshot is recomputed. Beside Σw·z (num) and Σw (den) it keeps Σw·|z|² (sq) and, for the
     patches that come with a residual, Σw·r and Σw: the uncertainty's inputs (pipeline.uncertainty),
     refreshed with the mosaic; R is relative to the median of the residuals added so far.
-    remove_ramp: the rendered mosaic has the CNN's global phase ramp removed, as the final stitch does
+    remove_ramp (off by default, as in stitch()): the rendered mosaic has the global phase ramp removed
     (stitcher.phase_ramp), measured at snapshot time from the patches' offsets: the greedy alignment makes
     o_j − o_i ≈ arg H_ij, so the offset differences of overlapping pairs against their displacement give the
     same fit without the overlap matrix. The sums stay ramp-free; only the rendering multiplies it out.
     """
 
     def __init__(self, canvas_shape: tuple[int, int], m: int, weight: np.ndarray,
-                 origin_px: tuple[int, int] = (0, 0), remove_ramp: bool = True):
+                 origin_px: tuple[int, int] = (0, 0), remove_ramp: bool = False):
         self.shape = (int(canvas_shape[0]), int(canvas_shape[1]))
         self.origin_px = (int(origin_px[0]), int(origin_px[1]))  # object pixel of canvas pixel (0, 0)
         if min(self.shape) < 1:

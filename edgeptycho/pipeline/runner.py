@@ -120,7 +120,8 @@ class Pipeline:
             canvas = tuple(self.stitch_cfg.canvas_px)
         elif scan.positions_px is not None and np.isfinite(scan.positions_px).all():
             canvas, origin = canvas_for(scan.positions_px / factor, m)
-        self.geometry = Geometry(canvas, origin, scan.pixel_m * factor, factor)
+        self.geometry = Geometry(canvas, origin, scan.pixel_m * factor, factor,
+                                 remove_ramp=self.stitch_cfg.remove_ramp)
         self.p_batch, self.p_post, self.p_write = (Port("batched", self.pool_size), Port("inferred", self.pool_size),
                                                    Port("writer"))
         scale = backend.input_spec.scale

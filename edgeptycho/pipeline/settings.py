@@ -120,6 +120,9 @@ class StitchConfig:
     # Live mosaics larger than this are decimated: a display at 10 Hz needs no more, and an 830-px float32
     # amplitude + phase pair costs ~1 ms of copying per message. The end-of-scan mosaic goes out whole.
     mosaic_max_px: int = 512
+    # Remove the mosaic's global phase ramp. Off: the measured slope holds the object's own mean phase
+    # gradient as well as the model's tilt, and the shipped model hardly tilts (docs/pipeline.md).
+    remove_ramp: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.mosaic_hz <= 100:

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Geometry:
-    """Where patches land: canvas (H, W) in patch pixels, its origin (object pixel of canvas (0, 0)), pixel m."""
+    """Where patches land: canvas (H, W) in patch pixels, its origin (object pixel of canvas (0, 0)), pixel m;
+    and whether the mosaics have the global phase ramp removed (stitch.remove_ramp)."""
 
     canvas: tuple[int, int] | None  # None: centred on the first patch, `auto_canvas` across
     origin_px: tuple[int, int] = (0, 0)
@@ -36,6 +37,7 @@ class Geometry:
     factor: float = 1.0  # patch pixel ÷ full-frame object pixel (PreprocessSpec.pixel_size_factor)
     auto_canvas: int = 1024
     auto: bool = False  # canvas placed per series on its first patch (scan extent unknown in advance)
+    remove_ramp: bool = False
 
     def positions(self, meta: np.ndarray) -> np.ndarray:
         """Patch-pixel positions (n, 2) of ring metadata; from metres where pixels are missing."""
@@ -96,7 +98,7 @@ class PostStage:
             first = pos[np.isfinite(pos).all(axis=1)][0]
             g.origin_px = (int(first[0]) - g.auto_canvas // 2, int(first[1]) - g.auto_canvas // 2)
             g.canvas = (g.auto_canvas, g.auto_canvas)
-        return LiveStitcher(g.canvas, self.m, self.weight, origin_px=g.origin_px)
+        return LiveStitcher(g.canvas, self.m, self.weight, origin_px=g.origin_px, remove_ramp=g.remove_ramp)
 
     def _handle(self, slot: BatchSlot) -> None:
         n = slot.n
@@ -199,9 +201,10 @@ class SeriesWriter:
             rq = np.concatenate(rec.residual)[ok] if len(rec.residual) == len(rec.amplitude) else None
             if rec.stitcher is not None:  # the same canvas as the live mosaic
                 return stitch(amp, ph, pos[ok], self.weight, rec.stitcher.shape, origin_px=rec.stitcher.origin_px,
-                              residual=rq)
+                              residual=rq, remove_ramp=self.geometry.remove_ramp)
             shape, origin = canvas_for(pos[ok], self.weight.shape[-1])
-            return stitch(amp, ph, pos[ok], self.weight, shape, origin_px=origin, residual=rq)
+            return stitch(amp, ph, pos[ok], self.weight, shape, origin_px=origin, residual=rq,
+                          remove_ramp=self.geometry.remove_ramp)
         if rec.stitcher is not None:
             return rec.stitcher.result()
         return None

@@ -10,9 +10,10 @@ Choices, measured (docs/pipeline.md, "Stitching"; benchmarks/bench_pipeline.py -
   (u = weight·patch; one sparse product UᴴU) gives arg H_ij ≈ o_j − o_i with confidence |H_ij|.
   "lsq" (default): maximum-spanning-tree seed, then weighted least squares on wrapped residuals (graph
   Laplacian, sparse LU); "greedy": scan order + Gauss–Seidel; LiveStitcher: greedy against the mosaic.
-- phase ramp: a CNN tilting every patch (~0.002 rad/px for cpu-default) makes the solve build a ramp across
-  the mosaic; `remove_ramp` measures it from H and removes it when significant (LiveStitcher: the same
-  fit from its offsets, re-estimated at snapshot time, ramp_from_pairs).
+- phase ramp: a CNN tilting every patch makes the solve build a ramp across the mosaic; `remove_ramp`
+  (off by default) measures it from H and removes it when significant (LiveStitcher: the same fit from its
+  offsets, ramp_from_pairs). The fit also holds the object's own mean phase gradient (patches are referenced
+  to their mean phase), so it is only worth removing for a model that tilts more than objects do.
 """
 
 from __future__ import annotations
@@ -279,7 +280,7 @@ def stitch(
     method: str = "lsq",
     subpixel: bool = True,
     origin_px: tuple[int, int] | None = None,
-    remove_ramp: bool = True,
+    remove_ramp: bool = False,
     chunk: int = 256,
     residual: np.ndarray | None = None,
 ) -> StitchResult:
@@ -289,8 +290,10 @@ def stitch(
     starts at object pixel (0, 0) (lower if a patch reaches below 0) and covers every patch; with a
     `canvas_shape` the origin is (0, 0). Parts of patches outside the canvas are dropped.
     `method`: "lsq" (default), "greedy", or "none" (patches already share a phase reference).
-    `remove_ramp`: after reconciling offsets, remove the global linear phase ramp (phase_ramp), as
-    ptychographic reconstructions routinely do; a genuine ramp across the object goes with it.
+    `remove_ramp`: after reconciling offsets, remove the global linear phase ramp (phase_ramp). That slope
+    is the model's per-patch tilt plus the object's own mean phase gradient, which goes with it; for the
+    shipped model (tilt ≈ 0 ± 1.5e-4 rad/px) removing it cost accuracy, so it is off by default
+    (docs/pipeline.md, "Phase ramp").
     `residual`: (N,) data-consistency residual per patch (NaN = unknown), mapped into the uncertainty.
     """
     amplitude, phase, weight = _check_patches(amplitude, phase, positions_px, weight)
