@@ -189,3 +189,20 @@ def test_the_objects_own_phase_ramp_survives_the_default_stitch():
     assert removed.ramp == pytest.approx(tuple(g), abs=3e-4)
     e_kept, e_removed = _errors(kept.object, sloped, kept.weight)[0], _errors(removed.object, sloped, removed.weight)[0]
     assert e_kept < 0.05 < e_removed
+
+
+def test_ramp_removal_is_on_for_int8_models_only_unless_set():
+    from edgeptycho.config import ConfigError, from_mapping
+    from edgeptycho.pipeline.settings import ServeConfig
+    from edgeptycho.pipeline.stitcher import ramp_removal
+
+    int8 = {"quantization": {"scheme": "dpu-pow2", "precision": "int8"}}
+    fp16 = {"quantization": {"scheme": "fp16", "precision": "fp16"}}
+    assert ramp_removal("auto", int8) is True
+    assert ramp_removal("auto", fp16) is False and ramp_removal("auto", {}) is False
+    assert ramp_removal(False, int8) is False and ramp_removal(True, {}) is True
+    with pytest.raises(ValueError, match="remove_ramp"):
+        ramp_removal("sometimes", {})
+    assert from_mapping(ServeConfig, {}).stitch.remove_ramp == "auto"
+    with pytest.raises(ConfigError, match="stitch.remove_ramp"):
+        from_mapping(ServeConfig, {"stitch": {"remove_ramp": "sometimes"}})

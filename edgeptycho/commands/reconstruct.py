@@ -26,9 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for the backend and the refinement's FFTs (default: all cores)")
     parser.add_argument("--stitch", choices=("lsq", "greedy", "none"), default="lsq",
                         help="phase-offset reconciliation between overlapping patches")
-    parser.add_argument("--remove-ramp", action="store_true",
-                        help="take the global phase ramp out of the stitched object (for a model that tilts its "
-                             "patches; it also removes the object's own ramp: docs/pipeline.md, \"Phase ramp\")")
+    parser.add_argument("--remove-ramp", choices=("auto", "yes", "no"), default="auto",
+                        help="take the global phase ramp out of the stitched object; auto (default): only for an "
+                             "int8 model, which tilts its patches (removal also takes the object's own ramp: "
+                             "docs/pipeline.md, \"Phase ramp\")")
     parser.add_argument("--refine-iters", type=int, default=0, metavar="N",
                         help="N mPIE iterations seeded by the CNN's stitched object and the scan's probe "
                              "(default 0; with --model none: default 200, the last quarter with annealed steps)")
@@ -106,16 +107,17 @@ def infer_scan(scan: Any, artifact: Any, backend: str = "cpu", batch: int = 32, 
 
 def reconstruct_scan(scan: Any, model: str | Path = "default", backend: str = "cpu", batch: int = 32,
                      precision: str = "fp32", method: str = "lsq", keep: dict | None = None,
-                     residual_every: int = 1, remove_ramp: bool = False, **opts: Any) -> tuple[Any, dict[str, float]]:
+                     residual_every: int = 1, remove_ramp: bool | str = "auto", **opts: Any) -> tuple[Any, dict[str, float]]:
     """A ScanData (frames may be on disk) → a stitched Reconstruction and the seconds spent per stage.
 
     `keep`: a dict that receives the StitchResult ("stitch", with the uncertainty's feature maps) and the
     per-frame residuals ("residual", None without a probe) for benchmarks. `residual_every`: the residual
     (for the uncertainty map) of one frame in N only, as the live pipeline's `quality.every` (others NaN).
+    `remove_ramp`: True, False or "auto" (pipeline.stitcher.ramp_removal: only for an int8 model).
     """
     from ..model.artifact import ModelArtifact
     from ..physics.types import Reconstruction
-    from ..pipeline.stitcher import stitch
+    from ..pipeline.stitcher import ramp_removal, stitch
 
     t0 = time.perf_counter()
     art = ModelArtifact.load(model)
@@ -140,7 +142,7 @@ def reconstruct_scan(scan: Any, model: str | Path = "default", backend: str = "c
     t1 = time.perf_counter()
     weight, weight_source = stitch_weight(art, scan.probe, scan.frame_size)
     res = stitch(amp, phase, scan.positions_m / dx, weight, method=method, residual=residual,
-                 remove_ramp=remove_ramp)
+                 remove_ramp=ramp_removal(remove_ramp, art.metadata))
     times = {"load_model": t_load, **times, "stitch": time.perf_counter() - t1}
     if keep is not None:
         keep.update(stitch=res, residual=residual)
@@ -169,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
         recon = None
         if not iterative_only:
             recon, times = reconstruct_scan(scan, args.model, args.backend, args.batch, args.precision,
-                                            args.stitch, remove_ramp=args.remove_ramp, **opts)
+                                            args.stitch, remove_ramp={"yes": True, "no": False}.get(args.remove_ramp, "auto"),
+                                            **opts)
         if n_iters:
             # Refinement sweeps every frame many times: read them from disk once.
             t_r = time.perf_counter()

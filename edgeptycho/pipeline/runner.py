@@ -40,7 +40,7 @@ from .stages import (
     SeriesWriter,
     publish_mosaic,
 )
-from .stitcher import StitchResult, canvas_for, probe_weight
+from .stitcher import StitchResult, canvas_for, probe_weight, ramp_removal
 from .telemetry import Telemetry
 from .trust import QualityConfig, QualityStage, QualityTap
 
@@ -121,7 +121,7 @@ class Pipeline:
         elif scan.positions_px is not None and np.isfinite(scan.positions_px).all():
             canvas, origin = canvas_for(scan.positions_px / factor, m)
         self.geometry = Geometry(canvas, origin, scan.pixel_m * factor, factor,
-                                 remove_ramp=self.stitch_cfg.remove_ramp)
+                                 remove_ramp=ramp_removal(self.stitch_cfg.remove_ramp, self.model_info))
         self.p_batch, self.p_post, self.p_write = (Port("batched", self.pool_size), Port("inferred", self.pool_size),
                                                    Port("writer"))
         scale = backend.input_spec.scale

@@ -120,13 +120,16 @@ class StitchConfig:
     # Live mosaics larger than this are decimated: a display at 10 Hz needs no more, and an 830-px float32
     # amplitude + phase pair costs ~1 ms of copying per message. The end-of-scan mosaic goes out whole.
     mosaic_max_px: int = 512
-    # Remove the mosaic's global phase ramp. Off: the measured slope holds the object's own mean phase
-    # gradient as well as the model's tilt, and the shipped model hardly tilts (docs/pipeline.md).
-    remove_ramp: bool = False
+    # Remove the mosaic's global phase ramp: true, false, or "auto" (only for an int8 model, which tilts its
+    # patches). The measured slope holds the object's own mean phase gradient as well as the model's tilt,
+    # and the FP32 model hardly tilts (docs/pipeline.md, "Phase ramp").
+    remove_ramp: bool | str = "auto"
 
     def __post_init__(self) -> None:
         if not 0 <= self.mosaic_hz <= 100:
             raise ValueError(f"stitch.mosaic_hz must be in [0, 100], got {self.mosaic_hz}")
+        if self.remove_ramp not in (True, False, "auto"):
+            raise ValueError(f"stitch.remove_ramp must be true, false or auto, got {self.remove_ramp!r}")
 
 
 @dataclass

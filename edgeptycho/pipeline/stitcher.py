@@ -11,9 +11,9 @@ Choices, measured (docs/pipeline.md, "Stitching"; benchmarks/bench_pipeline.py -
   "lsq" (default): maximum-spanning-tree seed, then weighted least squares on wrapped residuals (graph
   Laplacian, sparse LU); "greedy": scan order + Gauss–Seidel; LiveStitcher: greedy against the mosaic.
 - phase ramp: a CNN tilting every patch makes the solve build a ramp across the mosaic; `remove_ramp`
-  (off by default) measures it from H and removes it when significant (LiveStitcher: the same fit from its
-  offsets, ramp_from_pairs). The fit also holds the object's own mean phase gradient (patches are referenced
-  to their mean phase), so it is only worth removing for a model that tilts more than objects do.
+  measures it from H and removes it when significant (LiveStitcher: the same fit from its offsets,
+  ramp_from_pairs). The fit also holds the object's own mean phase gradient (patches are referenced to their
+  mean phase), so it is only worth removing for a model that tilts: `ramp_removal` says when (int8 models).
 """
 
 from __future__ import annotations
@@ -229,6 +229,21 @@ def phase_ramp(H: sp.csr_matrix, positions_px: np.ndarray) -> tuple[float, float
         return 0.0, 0.0
     d = np.asarray(positions_px, dtype=np.float64)
     return ramp_from_pairs(d[j] - d[i], np.angle(h), np.abs(h) / np.abs(h).max())
+
+
+RAMP_SETTINGS = (True, False, "auto")
+
+
+def ramp_removal(setting: bool | str, model_metadata: dict | None = None) -> bool:
+    """Whether to remove the mosaic's phase ramp: `setting` True/False, or "auto": only for an int8-quantized
+    model. Those tilt their patches (2–7e-4 rad/px against their FP32 parent, docs/pipeline.md "Phase ramp"),
+    while the FP32 model hardly does, and removal also takes away the object's own ramp."""
+    if setting not in RAMP_SETTINGS:
+        raise ValueError(f"remove_ramp must be true, false or 'auto', got {setting!r}")
+    if setting != "auto":
+        return bool(setting)
+    quant = (model_metadata or {}).get("quantization") or {}
+    return str(quant.get("precision", "")).lower() == "int8"
 
 
 def ramp_from_pairs(dpos: np.ndarray, delta: np.ndarray, w: np.ndarray) -> tuple[float, float]:
