@@ -214,8 +214,8 @@ def stitch_on_cnn(model: str = "default", presets: tuple[str, ...] = ("siemens-s
                                             origin_m=(res.origin_px[0] * dx, res.origin_px[1] * dx)), scan)
                 return {"phase_nrmse": round(e["phase_nrmse"], 4), "complex_nrmse": round(e["complex_nrmse"], 4)}
 
-            row = {f"{meth}{'' if ramp else '_keep_ramp'}": score(stitch(amp, ph, pos, w, method=meth,
-                                                                            remove_ramp=ramp))
+            row = {f"{meth}_ramp_{'removed' if ramp else 'kept'}": score(stitch(amp, ph, pos, w, method=meth,
+                                                                                  remove_ramp=ramp))
                    for meth in ("lsq", "greedy") for ramp in (True, False)}
             row["none"] = score(stitch(amp, ph, pos, w, method="none"))
             shape, origin = canvas_for(pos, m)
@@ -223,7 +223,7 @@ def stitch_on_cnn(model: str = "default", presets: tuple[str, ...] = ("siemens-s
             for k in range(0, len(pos), 32):
                 live.add_batch(amp[k:k + 32], ph[k:k + 32], pos[k:k + 32])
             row["live"] = score(live.result())
-            row["ramp_rad_per_px"] = stitch(amp, ph, pos, w).ramp
+            row["ramp_rad_per_px"] = stitch(amp, ph, pos, w, remove_ramp=True).ramp  # the fitted slope (0: not significant)
             out[name] = row
     return out
 
