@@ -28,6 +28,7 @@ def test_reconstruct_then_evaluate(tmp_path, small_scan, capsys):
         assert stage in printed
     recon = read_reconstruction(out)
     assert recon.program["model"] == "tiny" and recon.program["model_sha256"] == ModelArtifact.load("tiny").sha256
+    assert json.loads(recon.program["phase_ramp_removed_rad_per_px"]) == [0.0, 0.0]  # FP32 model: ramp kept
     assert abs(recon.pixel_m - 10.01e-9) < 0.1e-9
     assert main(["evaluate", str(out), "--truth", str(small_scan), "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)

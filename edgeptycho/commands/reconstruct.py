@@ -151,7 +151,8 @@ def reconstruct_scan(scan: Any, model: str | Path = "default", backend: str = "c
         origin_m=(res.origin_px[0] * dx, res.origin_px[1] * dx), uncertainty=res.uncertainty,
         metrics={f"seconds_{k}": v for k, v in times.items()} | {"n_frames": scan.n_frames},
         program={"program": "edgeptycho reconstruct", "model": art.name, "model_sha256": art.sha256,
-                 "backend": backend, "precision": precision, "stitch": method, "stitch_weight": weight_source},
+                 "backend": backend, "precision": precision, "stitch": method, "stitch_weight": weight_source,
+                 "phase_ramp_removed_rad_per_px": [float(v) for v in res.ramp]},
     )
     return recon, times
 

@@ -218,7 +218,8 @@ class Pipeline:
             probe=self.probe, uncertainty=result.uncertainty, origin_m=(result.origin_px[0] * pixel, result.origin_px[1] * pixel)
             if math.isfinite(pixel) else (0.0, 0.0),
             program={"stage": "cnn stream + stitch", "model": str(self.model_info.get("name", "")),
-                     "model_sha256": str(self.model_info.get("sha256", "")), "backend": self.backend.name})
+                     "model_sha256": str(self.model_info.get("sha256", "")), "backend": self.backend.name,
+                     "phase_ramp_removed_rad_per_px": [float(v) for v in result.ramp]})
 
     # --- running -------------------------------------------------------------------------------------
     def _timed(self, name: str, target: Any) -> Any:
