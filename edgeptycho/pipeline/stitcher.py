@@ -307,8 +307,8 @@ def stitch(
     `method`: "lsq" (default), "greedy", or "none" (patches already share a phase reference).
     `remove_ramp`: after reconciling offsets, remove the global linear phase ramp (phase_ramp). That slope
     is the model's per-patch tilt plus the object's own mean phase gradient, which goes with it; for the
-    shipped model (tilt ≈ 0 ± 1.5e-4 rad/px) removing it cost accuracy, so it is off by default
-    (docs/pipeline.md, "Phase ramp").
+    shipped model (per-axis tilt under 3e-4 rad/px, within 2 standard errors of 0) removing it cost
+    accuracy, so it is off by default (docs/pipeline.md, "Phase ramp").
     `residual`: (N,) data-consistency residual per patch (NaN = unknown), mapped into the uncertainty.
     """
     amplitude, phase, weight = _check_patches(amplitude, phase, positions_px, weight)
