@@ -32,3 +32,16 @@ def test_negative_iterations_are_refused(tmp_path, capsys):
     assert main(["reconstruct", str(scan_path), "--model", "none", "--refine-iters", "-1",
                  "--out", str(tmp_path / "r.cxi")]) == 1
     assert "--refine-iters" in capsys.readouterr().err
+
+
+def test_refinement_shows_a_progress_bar_unless_told_not_to(tmp_path, capsys):
+    scan_path = tmp_path / "scan.cxi"
+    main(["simulate", "--preset", "small", "--seed", "5", "--out", str(scan_path), "--no-progress"])
+    capsys.readouterr()
+    assert main(["reconstruct", str(scan_path), "--model", "none", "--refine-iters", "3",
+                 "--out", str(tmp_path / "a.cxi")]) == 0
+    err = capsys.readouterr().err
+    assert "refine" in err and "/3 " in err  # tqdm redraws at most every 0.1 s: the count may still be 0
+    assert main(["reconstruct", str(scan_path), "--model", "none", "--refine-iters", "3", "--no-progress",
+                 "--out", str(tmp_path / "b.cxi")]) == 0
+    assert "refine" not in capsys.readouterr().err

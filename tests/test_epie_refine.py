@@ -33,6 +33,16 @@ def test_ten_iterations_from_a_seed_beat_the_seed(scan, seed):
     assert rec.positions_m.shape == scan.positions_m.shape
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_progress_callback_sees_every_sweep_with_its_misfit(scan, seed, whole):
+    dx = scan.object_pixel_m
+    calls = []
+    rec = refine(scan, seed, n_iters=4, region=None if whole else (40 * dx, 70 * dx, 45 * dx, 80 * dx),
+                 callback=lambda it, misfit: calls.append((it, misfit)))
+    assert [it for it, _ in calls] == [0, 1, 2, 3]
+    np.testing.assert_allclose([m for _, m in calls], rec.convergence)
+
+
 def test_flat_start_uses_the_truth_grid_and_converges(scan):
     rec = refine(scan, None, n_iters=30, batch_size=4)
     assert rec.object.shape == scan.object_truth.shape and rec.origin_m == (0.0, 0.0)

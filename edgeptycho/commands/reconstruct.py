@@ -6,6 +6,8 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="iterative algorithm (default: mpie; rpie for a probe estimated from the data); "
                              "see docs/refinement.md")
     parser.add_argument("--out", type=Path, required=True, help="output CXI reconstruction")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar for the refinement's iterations (shown on stderr otherwise)")
 
 
 def stitch_weight(artifact: Any, probe: np.ndarray | None, frame_size: int) -> tuple[np.ndarray, str]:
@@ -157,6 +161,26 @@ def reconstruct_scan(scan: Any, model: str | Path = "default", backend: str = "c
     return recon, times
 
 
+@contextmanager
+def _iteration_bar(n_iters: int, disable: bool) -> Iterator[Callable[[int, float], None] | None]:
+    """A tqdm bar over the refinement's sweeps, showing the Fourier misfit (None when disabled)."""
+    if disable:
+        yield None
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=n_iters, desc="refine", unit="it", leave=False)
+
+    def on_iteration(iteration: int, misfit: float) -> None:
+        bar.set_postfix_str(f"misfit {misfit:.4g}", refresh=False)
+        bar.update(1)
+
+    try:
+        yield on_iteration
+    finally:
+        bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
     from ..io.cxi import open_scan, write_reconstruction
     from ..pipeline.refine import refine
@@ -181,7 +205,8 @@ def run(args: argparse.Namespace) -> int:
             overrides: dict[str, Any] = {"method": args.refine_method} if args.refine_method else {}
             if args.threads:
                 overrides["workers"] = args.threads  # scipy.fft threads of the solver
-            refined = refine(scan.to_scan(), recon, n_iters=n_iters, **overrides)
+            with _iteration_bar(n_iters, args.no_progress) as on_iteration:
+                refined = refine(scan.to_scan(), recon, n_iters=n_iters, callback=on_iteration, **overrides)
             refined.program = {**seed_program, **refined.program, "refine_iters": str(n_iters)}
             refined.metrics = {**(recon.metrics if recon is not None else {}), **refined.metrics}
             times["refine"] = time.perf_counter() - t_r

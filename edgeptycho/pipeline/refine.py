@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..physics.epie import EpieOptions, estimate_probe, solve
+from ..physics.epie import Callback, EpieOptions, estimate_probe, solve
 from ..physics.forward import window_starts
 from ..physics.probes import fit_to_frame, probe_diameter_px
 from ..physics.types import Reconstruction, ScanData
@@ -118,9 +118,10 @@ def sub_problem(frames: np.ndarray, pos: np.ndarray, probe: np.ndarray, obj: np.
     return SubProblem(np.asarray(frames[idx]), pos[idx] - lo, probe, crop, (int(lo[0]), int(lo[1])), paste, mask)
 
 
-def solve_sub(job: SubProblem, n_iters: int, options: EpieOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def solve_sub(job: SubProblem, n_iters: int, options: EpieOptions,
+              callback: Callback | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Run one sub-problem (on a worker); returns the refined region pixels, probe and convergence."""
-    res = solve(job.frames, job.positions_px, job.probe, job.obj, n_iters, options, job.mask)
+    res = solve(job.frames, job.positions_px, job.probe, job.obj, n_iters, options, job.mask, callback=callback)
     r0, r1, c0, c1 = job.paste
     rr, cc = job.corner
     seed = job.obj[r0 - rr:r1 - rr, c0 - cc:c1 - cc]
@@ -176,7 +177,8 @@ def _recon(obj, origin, pos, dx, probe, conv, seconds, options, n_iters, what) -
 
 def refine(scan: ScanData, object_init: Reconstruction | np.ndarray | None = None,
            probe_init: np.ndarray | str | None = None, n_iters: int = 10, region: Region | None = None,
-           options: EpieOptions | None = None, **overrides: Any) -> Reconstruction:
+           options: EpieOptions | None = None, callback: Callback | None = None,
+           **overrides: Any) -> Reconstruction:
     """Refine a seed object with `n_iters` ePIE/rPIE sweeps → Reconstruction on the seed's grid (padded to fit).
 
     object_init: the stitched CNN Reconstruction (its origin_m places it), a bare array on the scan's grid
@@ -184,18 +186,19 @@ def refine(scan: ScanData, object_init: Reconstruction | np.ndarray | None = Non
     probe (estimated from the mean pattern if it has none; an estimated probe is then updated from the first
     iteration), "estimate", or (K, n, n) modes. region: (y0, y1,
     x0, x1) metres; only positions illuminating it are used and only its pixels change. `overrides` set
-    EpieOptions fields (method, alpha, batch_size, probe_update_start, backend, …).
+    EpieOptions fields (method, alpha, batch_size, probe_update_start, backend, …). callback(iteration,
+    misfit) after each sweep, for progress displays.
     """
     opts = _options(scan, object_init, probe_init, options, n_iters, overrides)
     t0 = time.perf_counter()
     obj, origin, pos, probe, dx = _prepare(scan, object_init, probe_init)
     if region is None:
-        res = solve(scan.frames, pos, probe, obj, n_iters, opts, scan.mask)
+        res = solve(scan.frames, pos, probe, obj, n_iters, opts, scan.mask, callback=callback)
         return _recon(res.object, origin, res.positions_px, dx, res.probe, res.convergence,
                       time.perf_counter() - t0, opts, n_iters, "scan")
     box = region_pixels(region, origin, dx, obj.shape)
     job = sub_problem(scan.frames, pos, probe, obj, box, scan.mask)
-    out, new_probe, conv = solve_sub(job, n_iters, opts)
+    out, new_probe, conv = solve_sub(job, n_iters, opts, callback)
     obj[box[0]:box[1], box[2]:box[3]] = out
     return _recon(obj, origin, pos, dx, new_probe, conv, time.perf_counter() - t0, opts, n_iters, "region")
 
