@@ -8,10 +8,11 @@
     python benchmarks/bench_epie.py monitor --model default --positions 300 --doses 1e4 1e5 1e6 1e7 --workers 1
 
 `race` runs, per held-out simulated scan and one after the other in one process: the CNN (inference +
-stitch, after one untimed warm-up) + N iterations (default mPIE), then M iterations from flat (refine()'s flat defaults: mPIE with the
-final quarter annealed); it records the misfit per iteration, the phase NRMSE per iteration (hybrid) or
-every k (flat), wall and CPU seconds, the time ratios, and a PNG of quality against CPU time. With
---from-truth it repeats both routes seeded with the true object: what neither route can beat at that dose.
+stitch, after one untimed warm-up) + N iterations (default mPIE), then M iterations from flat (refine()'s
+flat defaults: mPIE with the final quarter annealed); it records the misfit per iteration, the phase
+NRMSE per iteration (hybrid) or every k (flat), wall and CPU seconds, the time ratios, and a PNG of quality
+against CPU time. With --from-truth it repeats both routes seeded with the true object: what neither route
+can beat at that dose.
 
 `speed` simulates a spiral scan (zone-plate probe, 10-nm pixels) unless --scan is given. `headline` runs N
 iterations from the seed in --init-from (the stitched CNN reconstruction) and M from a flat object, scores
