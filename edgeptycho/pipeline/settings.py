@@ -12,6 +12,7 @@ from edgeptycho.config import from_mapping, load_yaml
 from edgeptycho.stream.ring import RingConfig
 
 from .score import SCORE_ALPHA
+from .stitcher import RAMP_SETTINGS
 
 # GIL switch interval while a pipeline runs (ServeConfig.switch_interval_ms); None keeps the interpreter's.
 DEFAULT_SWITCH_MS: float | None = None
@@ -128,7 +129,7 @@ class StitchConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.mosaic_hz <= 100:
             raise ValueError(f"stitch.mosaic_hz must be in [0, 100], got {self.mosaic_hz}")
-        if self.remove_ramp not in (True, False, "auto"):
+        if self.remove_ramp not in RAMP_SETTINGS:
             raise ValueError(f"stitch.remove_ramp must be true, false or auto, got {self.remove_ramp!r}")
 
 
